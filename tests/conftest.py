@@ -1,0 +1,75 @@
+"""Shared test helpers: the real data beside the checkout, and ways to run the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _shared(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.is_dir():
+        pytest.skip(f"real data not present: {path} (it lives in ../shared/data beside a project checkout)")
+    return path
+
+
+@pytest.fixture
+def isbi_dir() -> Path:
+    """../shared/data/isbi2012 (skips where absent)."""
+    return _shared("isbi2012")
+
+
+@pytest.fixture
+def nuclei_dir() -> Path:
+    """../shared/data/dsb2018-sample (skips where absent)."""
+    return _shared("dsb2018-sample")
+
+
+class Result:
+    def __init__(self, code: int, out: bytes, err: bytes):
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def stderr(self) -> str:
+        return self.err.decode("utf-8", "replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.out.decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out[:200]!r}, err={self.err[:400]!r})"
+
+
+def run_unet(*args: str, stdin: bytes | None = None, cwd: Path | None = None,
+             env: dict | None = None, timeout: float = 300) -> Result:
+    """Run `python -m unetcli ARGS` in a subprocess, the way a shell runs it."""
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120", **(env or {})}
+    full_env.pop("UNET_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "unetcli", *map(str, args)], input=stdin,
+                          capture_output=True, cwd=cwd, env=full_env, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def unet():
+    """Callable running the command line in a subprocess; returns Result(code, out, err)."""
+    return run_unet
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> None:
+    """The error convention: non-zero exit, nothing on stdout, one line on stderr naming the problem."""
+    assert result.code != 0, result
+    assert result.out == b"", result
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result
+    assert lines[0].startswith("unet: error: "), result
+    for frag in fragments:
+        assert frag in lines[0], (frag, result)

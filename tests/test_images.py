@@ -1,0 +1,224 @@
+"""Image files: exact round trips, stdin/stdout, atomic writes, and every refusal."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from unetcli import images
+from unetcli.errors import ImageReadError, ImageShapeError, ImageWriteError, TooLargeError
+
+rng = np.random.default_rng(0)
+
+
+def _random(shape, dtype):
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(size=shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int16, np.float32, np.float64])
+@pytest.mark.parametrize("layout,shape", [("YX", (13, 17)), ("YXC", (13, 17, 3)), ("ZYX", (4, 13, 17)),
+                                          ("ZYXC", (2, 13, 17, 2))])
+def test_tiff_round_trip_is_exact(tmp_path, dtype, layout, shape):
+    data = _random(shape, dtype)
+    path = tmp_path / "x.tif"
+    images.write_image(path, data, layout)
+    back = images.read_image(path)
+    assert back.dtype == data.dtype
+    expected = {"YX": data[None, ..., None], "YXC": data[None], "ZYX": data[..., None], "ZYXC": data}[layout]
+    np.testing.assert_array_equal(back, expected)
+    with tifffile.TiffFile(path) as tf:  # written compressed, as promised
+        assert tf.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_png_round_trip_is_exact(tmp_path, dtype, channels):
+    data = _random((11, 9, channels), dtype)
+    path = tmp_path / "x.png"
+    images.write_image(path, data, "YXC")
+    back = images.read_image(path)
+    assert back.dtype == dtype and back.shape == (1, 11, 9, channels)
+    np.testing.assert_array_equal(back[0], data)
+
+
+def test_png_codec_matches_pillow_on_all_row_filters(tmp_path):
+    # Pillow's encoder picks filters adaptively; a smooth ramp plus noise uses Sub, Up, Average, Paeth.
+    y, x = np.mgrid[0:40, 0:37]
+    data = np.stack([(x * 3 + y) % 256, (y * 5) % 256, rng.integers(0, 256, (40, 37))], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(data).save(buf, format="PNG", optimize=True)
+    raw = buf.getvalue()
+    np.testing.assert_array_equal(images.decode_png(raw, "t"), data)
+
+
+def test_compressed_multipage_tiff_with_channels(tmp_path):
+    data = _random((3, 20, 30, 3), np.uint8)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, photometric="rgb", compression="lzw")
+    np.testing.assert_array_equal(images.read_image(path), data)
+
+
+def test_jpeg_and_bmp_are_read(tmp_path):
+    data = _random((16, 24, 3), np.uint8)
+    Image.fromarray(data).save(tmp_path / "x.bmp")
+    np.testing.assert_array_equal(images.read_image(tmp_path / "x.bmp")[0], data)
+    smooth = np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (16, 1))
+    Image.fromarray(smooth).save(tmp_path / "x.jpg", quality=95)
+    back = images.read_image(tmp_path / "x.jpg")
+    assert back.shape == (1, 16, 24, 1) and back.dtype == np.uint8
+    assert np.abs(back[0, :, :, 0].astype(int) - smooth).max() <= 8
+
+
+def test_palette_png_keeps_indices(tmp_path):
+    idx = rng.integers(0, 5, (10, 10), dtype=np.uint8)
+    img = Image.fromarray(idx, mode="P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0] + [0] * 753)
+    img.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(images.read_image(tmp_path / "p.png")[0, :, :, 0], idx)
+
+
+def test_format_sniffing_and_stdin_stdout(tmp_path):
+    data = _random((5, 6), np.uint16)
+    for fmt in ("tiff", "png"):
+        payload = images.encode_image(data, fmt)
+        assert images.sniff_format(payload[:16]) == fmt
+        script = ("import sys; from unetcli import images; a = images.read_image('-'); "
+                  f"images.write_image('-', a, fmt='{fmt}')")
+        out = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, check=True)
+        back = images.read_image(_save(tmp_path / f"o.{fmt}", out.stdout))
+        np.testing.assert_array_equal(back[0, :, :, 0], data)
+
+
+def _save(path: Path, payload: bytes) -> Path:
+    path.write_bytes(payload)
+    return path
+
+
+def test_stdout_needs_a_format():
+    with pytest.raises(ImageWriteError, match="format"):
+        images.write_image("-", np.zeros((2, 2), np.uint8))
+
+
+def test_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
+    target = tmp_path / "out.tif"
+    written = []
+
+    def half_then_interrupt(self, payload):
+        with open(self, "wb") as fh:
+            fh.write(payload[: len(payload) // 2])
+        written.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        images.write_image(target, np.ones((64, 64), np.float32))
+    assert written and not target.exists()
+    assert list(tmp_path.iterdir()) == []  # the partial temporary file is gone too
+
+
+def test_failed_write_keeps_previous_file(tmp_path):
+    target = tmp_path / "out.png"
+    images.write_image(target, np.full((4, 4), 7, np.uint8))
+    with pytest.raises(ImageWriteError):
+        images.write_image(target, np.zeros((4, 4), np.float32))  # PNG cannot hold float
+    assert images.read_image(target)[0, 0, 0, 0] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_killed_writer_leaves_no_output(tmp_path):
+    """A process killed mid-way leaves at most a hidden .part file, never a truncated target."""
+    target = tmp_path / "big.tif"
+    script = ("import os, signal, numpy as np; from pathlib import Path; from unetcli import images\n"
+              "orig = Path.write_bytes\n"
+              "def die(self, payload):\n"
+              "    with open(self, 'wb') as fh: fh.write(payload[:100])\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "Path.write_bytes = die\n"
+              f"images.write_image({str(target)!r}, np.ones((256, 256), np.float32))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode != 0
+    assert not target.exists()
+
+
+def test_errors_name_the_file_and_problem(tmp_path):
+    with pytest.raises(ImageReadError, match="no such file"):
+        images.read_image(tmp_path / "missing.tif")
+    (tmp_path / "text.tif").write_text("hello, not an image")
+    with pytest.raises(ImageReadError, match="not an image"):
+        images.read_image(tmp_path / "text.tif")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty"):
+        images.read_image(tmp_path / "empty.png")
+    nan = np.zeros((8, 8), np.float32)
+    nan[3, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    with pytest.raises(ImageReadError, match="NaN"):
+        images.read_image(tmp_path / "nan.tif")
+    inf = np.zeros((8, 8), np.float64)
+    inf[0, 0] = np.inf
+    tifffile.imwrite(tmp_path / "inf.tif", inf)
+    with pytest.raises(ImageReadError, match="infinite"):
+        images.read_image(tmp_path / "inf.tif")
+
+
+@pytest.mark.parametrize("suffix", ["tif", "png"])
+def test_truncated_files_are_refused(tmp_path, suffix):
+    path = tmp_path / f"full.{suffix}"
+    if suffix == "tif":
+        tifffile.imwrite(path, _random((64, 64), np.uint16))  # uncompressed: truncation is in the data
+    else:
+        images.write_image(path, _random((64, 64, 3), np.uint8), "YXC")
+    raw = path.read_bytes()
+    cut = tmp_path / f"cut.{suffix}"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ImageReadError, match="truncated|damaged"):
+        images.read_image(cut)
+
+
+def _tiff_header_only(width: int, height: int) -> bytes:
+    """A classic TIFF whose tags declare a huge float32 image but carry 4 bytes of data."""
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 32), (259, 3, 1, 1),
+               (262, 3, 1, 1), (273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, height),
+               (279, 4, 1, 4), (339, 3, 1, 3)]
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        packed = struct.pack("<HI", value, 0)[:4] if typ == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, typ, count) + packed
+    ifd += struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 12) + b"\x00\x00\x00\x00" + ifd
+
+
+def test_oversized_declared_image_is_refused_before_allocation(tmp_path):
+    path = tmp_path / "huge.tif"
+    path.write_bytes(_tiff_header_only(200_000, 200_000))  # 160 GB of float32
+    with pytest.raises(TooLargeError, match="huge.tif"):
+        images.read_image(path)
+    with pytest.raises(TooLargeError):  # an explicit budget applies the same way
+        images.read_image(_save(tmp_path / "small.tif", images.encode_image(np.zeros((100, 100), np.uint8), "tiff")),
+                          memory_budget=1000)
+
+
+def test_unsupported_shapes(tmp_path):
+    with pytest.raises(ImageWriteError, match="stack"):
+        images.write_image(tmp_path / "s.png", np.zeros((2, 4, 4), np.uint8), "ZYX")
+    tifffile.imwrite(tmp_path / "line.tif", np.zeros((1, 0), np.uint8))
+    with pytest.raises((ImageShapeError, ImageReadError)):
+        images.read_image(tmp_path / "line.tif")
+    with pytest.raises(ImageReadError, match="folder"):
+        images.read_image(tmp_path)
+
+
+def test_missing_output_folder(tmp_path):
+    with pytest.raises(ImageWriteError, match="does not exist"):
+        images.write_image(tmp_path / "nope" / "x.tif", np.zeros((2, 2), np.uint8))
