@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -217,6 +218,15 @@ def test_unsupported_shapes(tmp_path):
         images.read_image(tmp_path / "line.tif")
     with pytest.raises(ImageReadError, match="folder"):
         images.read_image(tmp_path)
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        images.write_image(tmp_path / "x.png", np.zeros((2, 2), np.uint8))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o644
 
 
 def test_missing_output_folder(tmp_path):

@@ -142,6 +142,15 @@ def _read_tiff(source, name: str, size: int, budget: int | None) -> np.ndarray:
         if not tf.series:
             raise ImageReadError(f"{name}: TIFF file holds no image")
         series = tf.series[0]
+        if len(tf.series) > 1 and all(getattr(s, "kind", "").lower() == "generic" for s in tf.series):
+            # a plain multi-page TIFF whose pages differ: tifffile splits it, and reading series[0]
+            # alone would silently drop pages
+            a, b = tf.series[0], tf.series[1]
+            first, other = a.pages[0], b.pages[0]
+            raise ImageShapeError(f"{name}: stack with inconsistent pages (page 1 is "
+                                  f"{'x'.join(map(str, first.shape))} {first.dtype}, page {len(a.pages) + 1} "
+                                  f"is {'x'.join(map(str, other.shape))} {other.dtype})",
+                                  hint="every page of a stack needs the same size and pixel type")
         _check_fits(name, tuple(series.shape), series.dtype.itemsize, budget)
         for page in tf.pages:
             offsets = getattr(page, "dataoffsets", ()) or ()
@@ -303,6 +312,12 @@ def _encode_png16(arr: np.ndarray) -> bytes:
 
 # ----------------------------------------------------------------------------------------------- write
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -316,6 +331,7 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise ImageWriteError(f"{target}: cannot write in {folder} ({exc.strerror})") from exc
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, target)
