@@ -1,21 +1,272 @@
-"""`unet evaluate`: not available in this version yet (exits 2)."""
+"""`unet evaluate`: score predictions against ground truth with the metrics of the field."""
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from unetcli.errors import NotAvailableError
+from unetcli import options
 
 NAME = "evaluate"
-HELP = ('Score predictions against ground truth: IoU, Dice, pixel error, Rand and information scores, warping error, object F1 and AP.')
+HELP = ("Score predictions against ground truth: IoU, Dice, pixel error, the ISBI 2012 Rand and "
+        "information scores, warping error, object F1, AP (DSB 2018) and SEG (Cell Tracking Challenge).")
 EPILOG = """Examples:
 
   unet evaluate predictions/ --truth labels/
 
-  unet evaluate pred.tif --truth truth.tif --json"""
-CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
+  unet evaluate pred.tif --truth isbi2012/train-labels.tif --json
+
+  unet evaluate probs.tif --truth labels.tif --probability membrane --thresholds 0:1:0.05
+
+  unet evaluate nuclei-pred/ --truth nuclei/labels/ --metrics f1,ap,seg --csv > scores.csv
+
+  unet evaluate pred.png --truth truth.png --metrics all"""
 
 
-def command(ctx: typer.Context) -> None:
-    raise NotAvailableError("`unet evaluate` is not available yet in this version",
-                            hint="see CHANGELOG.md for what this version provides")
+class Probability(str, Enum):
+    object = "object"
+    membrane = "membrane"
+
+
+def command(
+    predictions: Annotated[list[str], typer.Argument(
+        metavar="PREDICTION", show_default=False,
+        help="Predicted images: label or mask images (0 = background/membrane), probability maps "
+             "(float, 1 = object unless --probability membrane) or class probabilities (one page or "
+             "channel per class). A folder stands for the images in it; a TIFF stack is scored page by "
+             "page; '-' reads stdin.")],
+    truth: Annotated[str, typer.Option(
+        "--truth", "-t", metavar="PATH", show_default=False,
+        help="Ground-truth labels: a file (or stack) for one prediction, or a folder whose files are "
+             "paired with the predictions by file name without extension.")],
+    metrics: Annotated[Optional[str], typer.Option(
+        "--metrics", metavar="LIST",
+        help="Comma-separated metric keys or groups (pixel, isbi, warping, objects, all). Default: "
+             "pixel, isbi and objects for binary truth, pixel and objects for instance labels, pixel "
+             "for --classes; warping only on request.")] = None,
+    thresholds: Annotated[str, typer.Option(
+        "--thresholds", metavar="START:STOP:STEP",
+        help="Thresholds swept for probability maps (ISBI and warping metrics); the best per metric "
+             "over the whole set is reported. Also a comma list.")] = "0:1:0.1",
+    probability: Annotated[Probability, typer.Option(
+        "--probability", case_sensitive=False,
+        help="What a one-page float prediction holds: the probability of object (cell interior, the "
+             "default: object where value > t) or of membrane (object where value < t).")]
+        = Probability.object,
+    foreground: options.Foreground = None,
+    classes: options.Classes = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object: {\"images\": [...], \"mean\": {...}, \"thresholds\": {...}}.")]
+        = False,
+    as_csv: Annotated[bool, typer.Option(
+        "--csv", help="Print CSV: a header, one row per image and a 'mean' row.")] = False,
+    output: options.Output = None,
+) -> None:
+    """Evaluate; print a table (or JSON/CSV) of the scores per image and their mean."""
+    import sys
+
+    from unetcli import console
+    from unetcli import metrics as M
+    from unetcli.errors import ConfigError
+    from unetcli.images import write_bytes_atomic
+    from unetcli.labels import parse_values
+
+    if as_json and as_csv:
+        raise ConfigError("--json and --csv exclude each other", hint="choose one output format")
+    fmt = "json" if as_json else "csv" if as_csv else None
+    if fmt is None and output is not None and str(output) != "-":
+        fmt = {".json": "json", ".csv": "csv"}.get(Path(str(output)).suffix.lower())
+    fmt = fmt or "table"
+    sweep = M.parse_thresholds(thresholds)
+    fg = parse_values(foreground, option="--foreground")
+    cls = parse_values(classes, option="--classes")
+    if fg is not None and cls is not None:
+        raise ConfigError("--foreground and --classes exclude each other",
+                          hint="--classes scores a class map; its first class is the background")
+    if cls is not None and len(cls) < 2:
+        raise ConfigError("--classes needs at least two values (the first is the background)")
+
+    pairs = _pairs(predictions, truth)
+    with console.progress(len(pairs), "evaluating") as advance:
+        report = M.evaluate(pairs, metrics=metrics, thresholds=sweep, probability=probability.value,
+                            foreground=fg, classes=cls, progress=lambda name: advance(1))
+    text = {"json": _json, "csv": _csv, "table": _table}[fmt](report)
+    if fmt == "csv" and report["thresholds"]:
+        console.info("best thresholds: " + ", ".join(f"{k} {v:g}" for k, v in report["thresholds"].items()))
+    if output is not None and str(output) != "-":
+        write_bytes_atomic(output, text.encode("utf-8"))
+        sys.stdout.write(f"{output}\n")
+    else:
+        sys.stdout.write(text)
+    console.detail(f"{len(report['images'])} image(s) evaluated")
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def _images_in(folder: Path) -> list[Path]:
+    from unetcli.images import is_image_path
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p) and not p.name.startswith("."))
+
+
+def _pairs(predictions: list[str], truth: str) -> list:
+    """Pair the predictions with their truths and read both, page by page, as ``metrics.Pair``."""
+    import numpy as np
+
+    from unetcli import metrics as M
+    from unetcli.errors import ConfigError, ImageReadError, LabelError
+    from unetcli.images import read_image
+    from unetcli.labels import integer_labels, label_planes
+
+    preds: list[Path | str] = []
+    for arg in predictions:
+        if arg == "-":
+            preds.append("-")
+            continue
+        p = Path(arg)
+        if p.is_dir():
+            found = _images_in(p)
+            if not found:
+                raise ImageReadError(f"{p}: folder holds no image files (TIFF, PNG, JPEG, BMP)")
+            preds.extend(found)
+        elif not p.exists():
+            raise ImageReadError(f"{p}: no such file or folder", hint="check the path")
+        else:
+            preds.append(p)
+    if preds.count("-") > 1:
+        raise ConfigError("'-' (stdin) can be given once")
+    truth_path = Path(truth)
+    if not truth_path.exists():
+        raise ImageReadError(f"--truth {truth}: no such file or folder", hint="check the path")
+    if truth_path.is_dir():
+        by_stem: dict[str, Path] = {}
+        for f in _images_in(truth_path):
+            if f.stem in by_stem:
+                raise LabelError(f"{truth_path}: two truth files for {f.stem!r} ({by_stem[f.stem].name}, {f.name})",
+                                 hint="keep one label file per prediction name")
+            by_stem[f.stem] = f
+        matched = []
+        for p in preds:
+            if p == "-":
+                raise ConfigError("a prediction read from stdin needs --truth to be one file, not a folder")
+            if p.stem not in by_stem:
+                raise LabelError(f"{p}: no truth file named {p.stem}.* in {truth_path}",
+                                 hint="truth files are paired with predictions by file name without extension")
+            matched.append((p, by_stem[p.stem]))
+    else:
+        if len(preds) != 1:
+            raise ConfigError(f"{len(preds)} predictions but --truth {truth} is one file",
+                              hint="give a folder of truth files named like the predictions")
+        matched = [(preds[0], truth_path)]
+
+    pairs = []
+    for pred_path, truth_file in matched:
+        pname = "<stdin>" if pred_path == "-" else str(pred_path)
+        tname = str(truth_file)
+        truth_pages = integer_labels(label_planes(read_image(truth_file), tname), tname)
+        pred = read_image(pred_path)
+        nt, npg = truth_pages.shape[0], pred.shape[0]
+        h, w = truth_pages.shape[1:]
+        if pred.shape[1:3] != (h, w):
+            raise LabelError(f"{pname}: {pred.shape[2]}x{pred.shape[1]} pixels but its truth {tname} has {w}x{h}",
+                             hint="predictions and truth must be the same size")
+        floaty = pred.dtype.kind == "f"
+        if floaty and pred.shape[3] >= 2:
+            if npg != nt:
+                raise LabelError(f"{pname}: {npg} page(s) of class probabilities but {tname} has {nt}")
+            planes = [pred[i] for i in range(nt)]
+        elif floaty and npg != nt and nt >= 1 and npg % nt == 0:
+            k = npg // nt
+            planes = [np.moveaxis(pred[i * k:(i + 1) * k, :, :, 0], 0, -1) for i in range(nt)]
+        else:
+            if npg != nt:
+                raise LabelError(f"{pname}: {npg} page(s) but its truth {tname} has {nt}",
+                                 hint="give one prediction page per truth page")
+            if not floaty:
+                pred = label_planes(pred, pname)[..., None]
+            planes = [pred[i] for i in range(nt)]
+        base = "<stdin>" if pred_path == "-" else Path(pred_path).name
+        for i, plane in enumerate(planes):
+            name = base if nt == 1 else f"{base}[{i}]"
+            pairs.append(M.Pair(name=name, pred=plane, truth=truth_pages[i]))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+def _plain(value):
+    import math
+
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _json(report: dict) -> str:
+    import json
+
+    clean = {"images": [{"name": img["name"], "metrics": {k: _plain(v) for k, v in img["metrics"].items()}}
+                        for img in report["images"]],
+             "mean": {k: _plain(v) for k, v in report["mean"].items()},
+             "thresholds": report["thresholds"]}
+    return json.dumps(clean, indent=2) + "\n"
+
+
+def _csv(report: dict) -> str:
+    import csv
+    import io
+
+    keys = list(report["mean"])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", *keys])
+    for img in report["images"]:
+        writer.writerow([img["name"], *(_cell(img["metrics"][k]) for k in keys)])
+    writer.writerow(["mean", *(_cell(report["mean"][k]) for k in keys)])
+    return buf.getvalue()
+
+
+def _cell(value) -> str:
+    value = _plain(value)
+    return "" if value is None else repr(float(value))
+
+
+def _table(report: dict) -> str:
+    """Rows = images and their mean, columns = metrics, split into blocks that fit the terminal."""
+    import os
+    import shutil
+
+    keys = list(report["mean"])
+    rows = [(img["name"], img["metrics"]) for img in report["images"]] + [("mean", report["mean"])]
+    name_w = max(len(r[0]) for r in rows)
+    width = int(os.environ.get("COLUMNS", 0) or shutil.get_terminal_size((100, 24)).columns)
+
+    def fmt(v) -> str:
+        v = _plain(v)
+        return "-" if v is None else f"{float(v):.4f}"
+
+    blocks, block, used = [], [], name_w
+    for k in keys:
+        col = max(len(k), 6) + 2
+        if block and used + col > width:
+            blocks.append(block)
+            block, used = [], name_w
+        block.append(k)
+        used += col
+    if block:
+        blocks.append(block)
+    lines = []
+    for b in blocks:
+        widths = [max(len(k), 6) for k in b]
+        lines.append(" " * name_w + "".join(f"  {k:>{w}}" for k, w in zip(b, widths)))
+        for i, (name, values) in enumerate(rows):
+            if i == len(rows) - 1 and len(rows) > 1:
+                lines.append("-" * (name_w + sum(w + 2 for w in widths)))
+            lines.append(f"{name:<{name_w}}" + "".join(f"  {fmt(values[k]):>{w}}" for k, w in zip(b, widths)))
+        lines.append("")
+    if report["thresholds"]:
+        lines.append("best thresholds: " + ", ".join(f"{k} {v:g}" for k, v in report["thresholds"].items()))
+    return "\n".join(lines).rstrip("\n") + "\n"
