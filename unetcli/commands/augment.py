@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from unetcli.options import Output, Seed
+from unetcli.options import Seed
 
 NAME = "augment"
 HELP = ("Augmented training samples and previews: elastic deformation on a coarse grid, shifts, "
@@ -42,7 +42,9 @@ def command(
         help="Weight map of the same size (and pages), deformed alike with linear interpolation.")] = None,
     count: Annotated[int, typer.Option("--count", "-n", metavar="N",
                                        help="Augmented samples per image (page).")] = 8,
-    output: Output = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="DIR",
+        help="Folder for the samples (created if missing); their paths are printed on stdout.")] = None,
     preview: Annotated[Optional[str], typer.Option(
         "--preview", metavar="PNG",
         help="Write a contact sheet: the original, then the samples, label contours drawn in red.")] = None,
