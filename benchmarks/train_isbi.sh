@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Quality benchmark of `unet train` on ISBI 2012: train on slices 00-24 only, score slices 25-29 with
+# `unet predict` + `unet evaluate` (V_rand and V_info after border thinning).
+#
+#   benchmarks/train_isbi.sh [RUN_DIR]          # train (60-minute budget), then score
+#   STAGE=score benchmarks/train_isbi.sh RUN    # only score an existing run
+#
+# Needs ../shared/data/isbi2012 beside the checkout. Run it alone on the machine
+# (flock /tmp/unet-bench.lock benchmarks/train_isbi.sh): the budget is wall-clock time.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+DATA="${DATA:-$HERE/../../shared/data/isbi2012}"
+RUN="${1:-runs/isbi-bench}"
+STAGE="${STAGE:-all}"
+UNET="${UNET:-python -m unetcli}"
+BUDGET="${BUDGET:-50m}"
+mkdir -p "$(dirname "$RUN")"
+
+if [[ "$STAGE" == all || "$STAGE" == train ]]; then
+  # Slices 25-29 are left out of the training data entirely (no validation on them either, so
+  # nothing about them steers the run), and last.unet is scored.
+  split="$RUN.split"
+  rm -rf "$split" && mkdir -p "$split/images" "$split/labels"
+  for i in $(seq -w 0 24); do
+    ln -s "$DATA/train/images/$i.png" "$split/images/$i.png"
+    ln -s "$DATA/train/labels/$i.png" "$split/labels/$i.png"
+  done
+  start=$(date +%s)
+  $UNET train --images "$split/images" --labels "$split/labels" \
+    --base 32 --depth 4 --padding same --no-batchnorm --tile 512 --batch 1 \
+    --optimizer adam --lr 0.001 --schedule cosine --max-time "$BUDGET" \
+    --augmentations flip,elastic --weights none --workers 1 --seed 0 --checkpoint-every 100 \
+    --out "$RUN"
+  echo "training wall time (data preparation included): $(( $(date +%s) - start )) s"
+fi
+
+if [[ "$STAGE" == all || "$STAGE" == score ]]; then
+  tmp="$RUN/score"
+  mkdir -p "$tmp/pred" "$tmp/truth"
+  for i in 25 26 27 28 29; do
+    cp "$DATA/train/labels/$i.png" "$tmp/truth/$i.png"
+  done
+  imgs=()
+  for i in 25 26 27 28 29; do imgs+=("$DATA/train/images/$i.png"); done
+  start=$(date +%s)
+  $UNET predict "${imgs[@]}" --model "$RUN/last.unet" --output-type probs --tta -o "$tmp/pred/"
+  echo "prediction wall time (5 slices, TTA): $(( $(date +%s) - start )) s"
+  $UNET evaluate "$tmp/pred/" --truth "$tmp/truth/" --json > "$tmp/scores.json"
+  python - "$tmp/scores.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+m = d["mean"]
+print("mean over slices 25-29:", {k: round(v, 4) for k, v in m.items() if isinstance(v, (int, float))})
+print("thresholds:", d.get("thresholds"))
+PY
+fi

@@ -1,0 +1,302 @@
+"""`unet predict` end to end: inputs and outputs, output types, TTA, post-processing, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import Result, assert_one_line_error
+from unetcli.checkpoint import load_model, save_model
+from unetcli.images import read_image, write_image
+from unetcli.inference import predict_image
+from unetcli.model import UNet, UNetConfig
+from unetcli import postprocess
+
+GREY = UNetConfig(base=4, depth=3, dropout=0.0)            # 572 is one of its tile sizes
+RGB3 = UNetConfig(in_channels=3, num_classes=3, base=4, depth=2, dropout=0.0)
+
+
+def _save(path: Path, config: UNetConfig, seed: int = 0, mean=127.0, std=60.0) -> Path:
+    torch.manual_seed(seed)
+    net = UNet(config)
+    with torch.no_grad():
+        for m in net.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_(0, 0.1)
+    c = config.in_channels
+    save_model(path, net.state_dict(), config, normalization={"mean": [mean] * c, "std": [std] * c},
+               class_names=[f"class{i}" for i in range(config.num_classes)])
+    return path
+
+
+@pytest.fixture
+def models(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    grey = _save(folder / "grey.unet", GREY)
+    rgb = _save(folder / "rgb.unet", RGB3, seed=1)
+    return {"grey": grey, "rgb": rgb, "folder": folder}
+
+
+@pytest.fixture
+def run(capfdbinary, monkeypatch, tmp_path):
+    """The command line in this process (torch is imported once): returns Result(code, out, err)."""
+    from unetcli.cli import run as cli_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UNET_MODELS", str(tmp_path / "no-user-models"))
+    monkeypatch.setenv("NO_COLOR", "1")
+
+    def go(*args: str) -> Result:
+        code = cli_run([str(a) for a in args])
+        out, err = capfdbinary.readouterr()
+        return Result(code, out, err)
+
+    return go
+
+
+def _grey_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((h, w)) * 255).astype(np.uint8)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".part" in p.name)
+
+
+# --------------------------------------------------------------------------------- the basic command
+
+def test_exact_command_with_the_default_model(tmp_path, models, unet):
+    """`unet predict in.tif -o mask.tif --tile 572`, as written, with em-membranes found by name."""
+    users = tmp_path / "users"
+    users.mkdir()
+    _save(users / "em-membranes.unet", GREY)
+    write_image(tmp_path / "in.tif", _grey_image(300, 257))
+    result = unet("predict", "in.tif", "-o", "mask.tif", "--tile", "572", cwd=tmp_path,
+                  env={"UNET_MODELS": str(users)})
+    assert result.code == 0, result
+    assert result.out == b"mask.tif\n"             # the path written, as data on stdout
+    mask = read_image(tmp_path / "mask.tif")
+    assert mask.shape == (1, 300, 257, 1) and mask.dtype == np.uint8
+    probs = predict_image(load_model(users / "em-membranes.unet"), read_image(tmp_path / "in.tif")[0],
+                          device="cpu")
+    assert np.array_equal(mask[0, ..., 0], np.argmax(probs, 0))
+    assert 0 < mask.mean() < 1                      # both classes occur
+
+
+def test_no_model_given_and_none_shipped(run, tmp_path, monkeypatch):
+    from unetcli import checkpoint
+
+    (tmp_path / "shipped").mkdir()
+    monkeypatch.setattr(checkpoint, "shipped_dir", lambda: tmp_path / "shipped")   # as if none shipped
+    write_image(tmp_path / "in.tif", _grey_image(20, 20))
+    result = run("predict", "in.tif", "-o", "mask.tif")
+    assert_one_line_error(result, "no model given")
+    assert not (tmp_path / "mask.tif").exists()
+
+
+def test_list_models(run, tmp_path, monkeypatch, models):
+    (models["folder"] / "grey.md").write_text("# grey\n\nA tiny random network for tests.\n")
+    monkeypatch.setenv("UNET_MODELS", str(models["folder"]))
+    result = run("predict", "--list-models")
+    assert result.code == 0
+    lines = result.stdout.splitlines()
+    assert "grey\tA tiny random network for tests." in lines
+    assert any(line.split("\t")[0] == "rgb" for line in lines)
+
+
+# ------------------------------------------------------------------------------------ inputs & outputs
+
+def test_rgb_input_to_rgb_model(run, tmp_path, models, nuclei_dir):
+    src = sorted((nuclei_dir / "images").glob("*.png"))[0]
+    result = run("predict", src, "-o", "mask.png", "-m", models["rgb"])
+    assert result.code == 0, result
+    image = read_image(src)
+    mask = read_image(tmp_path / "mask.png")
+    assert mask.shape == image.shape[:3] + (1,) and mask.max() <= 2
+    probs = predict_image(load_model(models["rgb"]), image[0], device="cpu")
+    assert np.array_equal(mask[0, ..., 0], np.argmax(probs, 0))
+
+
+def test_stack_in_stack_out(run, tmp_path, models):
+    stack = np.stack([_grey_image(64, 50, seed=s) for s in range(3)])
+    write_image(tmp_path / "stack.tif", stack, "ZYX")
+    result = run("predict", "stack.tif", "-o", "masks.tif", "-m", models["grey"], "--batch", "2")
+    assert result.code == 0, result
+    masks = read_image(tmp_path / "masks.tif")
+    assert masks.shape == (3, 64, 50, 1)
+    mf = load_model(models["grey"])
+    for n in range(3):
+        probs = predict_image(mf, stack[n][..., None], device="cpu")
+        assert np.array_equal(masks[n, ..., 0], np.argmax(probs, 0))
+    probs_run = run("predict", "stack.tif", "-o", "probs.tif", "-m", models["grey"], "--output-type", "probs")
+    assert probs_run.code == 0
+    probs = read_image(tmp_path / "probs.tif")
+    assert probs.shape == (6, 64, 50, 1) and probs.dtype == np.float32   # slice-major: slice, class
+    assert np.allclose(probs[0] + probs[1], 1, atol=1e-5)
+
+
+def test_stdin_to_stdout(unet, tmp_path, models, isbi_dir):
+    src = isbi_dir / "train" / "images" / "00.png"
+    result = unet("predict", "-", "-o", "-", "--format", "png", "-m", models["grey"], "-q",
+                  stdin=src.read_bytes(), cwd=tmp_path)
+    assert result.code == 0, result
+    assert result.out[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "out.png").write_bytes(result.out)
+    mask = read_image(tmp_path / "out.png")
+    probs = predict_image(load_model(models["grey"]), read_image(src)[0], device="cpu")
+    assert np.array_equal(mask[0, ..., 0], np.argmax(probs, 0))
+
+
+def test_many_inputs_to_a_folder_and_skip_existing(run, tmp_path, models):
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / f"{name}.png", _grey_image(40 + ord(name) % 7, 33))
+    result = run("predict", "a.png", "b.png", "-o", "out", "-m", models["grey"])
+    assert result.code == 0, result
+    assert result.stdout.splitlines() == [str(Path("out") / "a.tif"), str(Path("out") / "b.tif")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "b.tif"]
+    before = (tmp_path / "out" / "a.tif").stat().st_mtime_ns
+    again = run("predict", "a.png", "b.png", "c.png", "-o", "out/", "-m", models["grey"], "--skip-existing")
+    assert again.code == 0
+    assert (tmp_path / "out" / "a.tif").stat().st_mtime_ns == before
+    assert (tmp_path / "out" / "c.tif").is_file()
+
+
+# ---------------------------------------------------------------------------------------- output types
+
+def test_each_output_type(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(90, 77, seed=4))
+    m = models["grey"]
+    assert run("predict", "in.png", "-o", "probs.tif", "-m", m, "--output-type", "probs").code == 0
+    assert run("predict", "in.png", "-o", "mask.png", "-m", m, "--output-type", "mask").code == 0
+    assert run("predict", "in.png", "-o", "labels.tif", "-m", m, "--output-type", "labels").code == 0
+    probs = read_image(tmp_path / "probs.tif")[..., 0]
+    mask = read_image(tmp_path / "mask.png")[0, ..., 0]
+    labels = read_image(tmp_path / "labels.tif")[0, ..., 0]
+    assert probs.shape == (2, 90, 77) and probs.dtype == np.float32
+    assert np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert mask.dtype == np.uint8 and np.array_equal(mask, np.argmax(probs, 0))
+    assert labels.dtype == np.uint16
+    assert np.array_equal(labels, postprocess.label_instances(mask)) and labels.max() > 1
+
+
+def test_threshold(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(60, 60, seed=5))
+    assert run("predict", "in.png", "-o", "probs.tif", "-m", models["grey"], "--output-type", "probs").code == 0
+    assert run("predict", "in.png", "-o", "t.tif", "-m", models["grey"], "--threshold", "0.3").code == 0
+    p1 = read_image(tmp_path / "probs.tif")[1, ..., 0]
+    mask = read_image(tmp_path / "t.tif")[0, ..., 0]
+    assert np.array_equal(mask, (p1 > 0.3).astype(np.uint8))
+    assert (mask != (p1 > 0.5)).any()               # the threshold did matter
+    result = run("predict", "in.png", "-o", "x.tif", "-m", models["rgb"], "--threshold", "0.3")
+    assert_one_line_error(result, "two-class")
+
+
+def test_postprocessing_options(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(120, 100, seed=6))
+    m = models["grey"]
+    assert run("predict", "in.png", "-o", "raw.tif", "-m", m).code == 0
+    assert run("predict", "in.png", "-o", "small.tif", "-m", m, "--min-size", "20").code == 0
+    assert run("predict", "in.png", "-o", "one.tif", "-m", m, "--largest-component").code == 0
+    assert run("predict", "in.png", "-o", "fill.tif", "-m", m, "--fill-holes", "--output-type", "labels").code == 0
+    raw = read_image(tmp_path / "raw.tif")[0, ..., 0]
+    assert np.array_equal(read_image(tmp_path / "small.tif")[0, ..., 0], postprocess.remove_small(raw, 20))
+    one = read_image(tmp_path / "one.tif")[0, ..., 0]
+    assert np.array_equal(one, postprocess.largest_component(raw))
+    assert postprocess.label_instances(one).max() <= 1 < postprocess.label_instances(raw).max()
+    fill = read_image(tmp_path / "fill.tif")[0, ..., 0]
+    assert np.array_equal(fill, postprocess.label_instances(postprocess.fill_holes(raw)))
+
+
+def test_tta_option(run, tmp_path, models):
+    image = _grey_image(50, 41, seed=7)
+    write_image(tmp_path / "in.png", image)
+    result = run("predict", "in.png", "-o", "p.tif", "-m", models["grey"], "--output-type", "probs", "--tta")
+    assert result.code == 0, result
+    got = read_image(tmp_path / "p.tif")[..., 0]
+    ref = predict_image(load_model(models["grey"]), image[..., None], device="cpu", tta=True)
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_same_padding_model_and_options(run, tmp_path):
+    config = UNetConfig(base=4, depth=2, dropout=0.0, padding="same")
+    model = _save(tmp_path / "same.unet", config)
+    write_image(tmp_path / "in.png", _grey_image(70, 45, seed=8))
+    for blend in ("gaussian", "mean"):
+        result = run("predict", "in.png", "-o", f"{blend}.tif", "-m", model, "--tile", "32", "--overlap", "0.5",
+                     "--blend", blend, "--output-type", "probs")
+        assert result.code == 0, result
+    g = read_image(tmp_path / "gaussian.tif")
+    m = read_image(tmp_path / "mean.tif")
+    assert g.shape == (2, 70, 45, 1) and np.abs(g - m).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_error_wrong_channel_count(run, tmp_path, models):
+    write_image(tmp_path / "rgb.png", np.zeros((20, 20, 3), np.uint8), "YXC")
+    result = run("predict", "rgb.png", "-o", "mask.tif", "-m", models["grey"])
+    assert_one_line_error(result, "rgb.png", "3 channel")
+    assert not (tmp_path / "mask.tif").exists() and not _leftovers(tmp_path)
+
+
+def test_error_empty_file(run, tmp_path, models):
+    (tmp_path / "empty.tif").write_bytes(b"")
+    result = run("predict", "empty.tif", "-o", "mask.tif", "-m", models["grey"])
+    assert_one_line_error(result, "empty.tif", "empty file")
+    assert not (tmp_path / "mask.tif").exists()
+
+
+def test_error_inconsistent_stack(run, tmp_path, models):
+    import tifffile
+
+    with tifffile.TiffWriter(tmp_path / "bad.tif") as tw:
+        tw.write(np.zeros((20, 30), np.uint8), metadata=None)
+        tw.write(np.zeros((20, 30), np.uint8), metadata=None)
+        tw.write(np.zeros((25, 30), np.uint8), metadata=None)
+    result = run("predict", "bad.tif", "-o", "mask.tif", "-m", models["grey"])
+    assert_one_line_error(result, "bad.tif", "inconsistent pages")
+    assert not (tmp_path / "mask.tif").exists() and not _leftovers(tmp_path)
+
+
+def test_error_output_folder_cannot_be_written(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(20, 20))
+    (tmp_path / "afile").write_text("not a folder")
+    result = run("predict", "in.png", "in.png", "-o", "afile", "-m", models["grey"])
+    assert_one_line_error(result, "afile", "not an output folder")
+    result = run("predict", "in.png", "-o", "afile/sub/mask.tif", "-m", models["grey"])
+    assert_one_line_error(result, "does not exist")
+    result = run("predict", "in.png", "-o", "nowhere/mask.tif", "-m", models["grey"])
+    assert_one_line_error(result, "nowhere", "does not exist")
+
+
+def test_error_output_would_overwrite_input(run, tmp_path, models):
+    write_image(tmp_path / "in.tif", _grey_image(20, 20))
+    before = (tmp_path / "in.tif").read_bytes()
+    result = run("predict", "in.tif", "-o", ".", "-m", models["grey"])
+    assert_one_line_error(result, "overwrite")
+    assert (tmp_path / "in.tif").read_bytes() == before
+
+
+def test_error_bad_tile_and_options(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(20, 20))
+    assert_one_line_error(run("predict", "in.png", "-o", "m.tif", "-m", models["grey"], "--tile", "573"),
+                          "tile size 573")
+    assert_one_line_error(run("predict", "in.png", "-o", "m.tif", "-m", models["grey"], "--output-type", "x"),
+                          "output type")
+    assert_one_line_error(run("predict", "in.png", "-o", "p.png", "-m", models["grey"], "--output-type", "probs"),
+                          "TIFF")
+    assert_one_line_error(run("predict", "in.png", "-o", "m.tif", "-m", models["grey"], "--precision", "fp64"),
+                          "precision")
+    assert_one_line_error(run("predict", "in.png", "-o", "m.tif", "-m", models["grey"], "--memory-budget", "1K"),
+                          "memory budget")
+    assert not _leftovers(tmp_path) and not (tmp_path / "m.tif").exists()
+
+
+def test_error_missing_input_writes_nothing(run, tmp_path, models):
+    result = run("predict", "missing.png", "-o", "m.tif", "-m", models["grey"])
+    assert_one_line_error(result, "missing.png")
+    assert not (tmp_path / "m.tif").exists()
