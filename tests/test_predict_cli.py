@@ -300,3 +300,63 @@ def test_error_missing_input_writes_nothing(run, tmp_path, models):
     result = run("predict", "missing.png", "-o", "m.tif", "-m", models["grey"])
     assert_one_line_error(result, "missing.png")
     assert not (tmp_path / "m.tif").exists()
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_provenance_sidecar_has_every_field(run, tmp_path, models):
+    import json
+
+    from unetcli import __version__
+
+    write_image(tmp_path / "a.png", _grey_image(61, 47, seed=3))
+    write_image(tmp_path / "b.tif", np.stack([_grey_image(30, 20, seed=s) for s in (4, 5)]), "ZYX")
+    result = run("predict", "a.png", "b.tif", "-o", "out", "-m", models["grey"], "--provenance",
+                 "--output-type", "labels", "--min-size", "3", "--tile", "100")
+    assert result.code == 0, result
+    for stem, src in (("a", "a.png"), ("b", "b.tif")):
+        out = tmp_path / "out" / f"{stem}.tif"
+        rec = json.loads((tmp_path / "out" / f"{stem}.tif.json").read_text())
+        assert set(rec) >= {"input", "output", "model", "parameters", "environment", "command", "created",
+                            "seconds"}
+        assert rec["input"]["path"] == str(tmp_path / src) and rec["input"]["sha256"] == _sha(tmp_path / src)
+        assert rec["input"]["bytes"] == (tmp_path / src).stat().st_size
+        assert rec["output"]["path"] == str(out) and rec["output"]["sha256"] == _sha(out)
+        assert rec["output"]["type"] == "labels"
+        assert rec["model"]["name"] == "grey" and rec["model"]["sha256"] == _sha(models["grey"])
+        assert rec["model"]["config"]["base"] == GREY.base
+        params = rec["parameters"]
+        for key in ("output_type", "threshold", "min_size", "fill_holes", "largest_component", "tta", "tile",
+                    "batch", "memory_budget", "overlap", "blend", "device", "precision", "threads", "format",
+                    "tile_used", "device_used", "batch_used", "threads_used"):
+            assert key in params, key
+        assert params["min_size"] == 3 and params["tile"] == "100" and params["tile_used"] == [100, 100]
+        assert params["device_used"] == "cpu"
+        assert rec["environment"]["unet"] == __version__ and rec["environment"]["torch"] == torch.__version__
+        assert "--provenance" in rec["command"]
+    assert json.loads((tmp_path / "out" / "b.tif.json").read_text())["input"]["shape"] == [2, 30, 20, 1]
+
+
+def test_provenance_streamed_mask_and_stdin(unet, tmp_path, models):
+    import json
+
+    write_image(tmp_path / "in.png", _grey_image(40, 40, seed=6))
+    raw = (tmp_path / "in.png").read_bytes()
+    result = unet("predict", "-", "-o", "m.tif", "-m", str(models["grey"]), "--provenance", cwd=tmp_path,
+                  stdin=raw)
+    assert result.code == 0, result
+    rec = json.loads((tmp_path / "m.tif.json").read_text())
+    assert rec["input"]["path"] == "<stdin>" and rec["input"]["sha256"] == _sha(tmp_path / "in.png")
+    assert rec["output"]["sha256"] == _sha(tmp_path / "m.tif")
+
+
+def test_provenance_refuses_stdout(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(20, 20))
+    result = run("predict", "in.png", "-o", "-", "-m", models["grey"], "--provenance")
+    assert_one_line_error(result, "stdout is not a file")

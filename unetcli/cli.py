@@ -71,8 +71,13 @@ def _split_global_flags(args: list[str]) -> tuple[list[str], set[str]]:
     return rest, seen
 
 
+ARGV: list[str] = ["unet"]    # the command line being run (recorded in provenance files)
+
+
 def run(args: list[str]) -> int:
     """Run the command line on ``args``; return the exit status instead of exiting."""
+    global ARGV
+    ARGV = ["unet", *map(str, args)]
     args, flags = _split_global_flags(args)
     debug = "debug" in flags or os.environ.get("UNET_DEBUG", "") not in ("", "0")
     console.set_level(quiet="quiet" in flags, verbose="verbose" in flags)

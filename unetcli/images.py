@@ -84,15 +84,18 @@ def _check_fits(name: str, shape: tuple[int, ...], itemsize: int, budget: int | 
 
 # ------------------------------------------------------------------------------------------------ read
 
-def read_image(path: str | os.PathLike, *, memory_budget: int | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
+               stdin_bytes: bytes | None = None) -> np.ndarray:
     """Read an image file (or ``-`` for stdin) into an ``(N, H, W, C)`` array of its own dtype.
+
+    ``stdin_bytes``: what was read from stdin already (for ``-``), when the caller needed the bytes too.
 
     Raises ImageReadError for a missing, foreign, truncated or non-finite image, TooLargeError when the
     declared size exceeds ``memory_budget`` bytes (default: the memory available), before allocating.
     """
     name = "<stdin>" if str(path) == "-" else str(path)
     if str(path) == "-":
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read() if stdin_bytes is None else stdin_bytes
         source: BinaryIO | str = io.BytesIO(data)
         head, size = data[:16], len(data)
     else:

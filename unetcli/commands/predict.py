@@ -28,7 +28,9 @@ EPILOG = """Examples:
 
   unet predict nuclei.png -o labels.tif --output-type labels --min-size 30 --fill-holes
 
-  cat in.png | unet predict - -o - --format png > mask.png"""
+  cat in.png | unet predict - -o - --format png > mask.png
+
+  unet predict images/ -o masks/ --provenance      # masks/NAME.tif + masks/NAME.tif.json"""
 
 DEFAULT_MODEL = "em-membranes"
 OUTPUT_TYPES = ("probs", "mask", "labels")
@@ -132,6 +134,48 @@ def _outputs(inputs: list[str], output: Optional[Path], fmt: Optional[str], outp
     return outs
 
 
+PROVENANCE_SUFFIX = ".json"
+
+
+def _sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _environment() -> dict:
+    import platform
+
+    import numpy
+    import torch
+
+    from unetcli import __version__
+
+    return {"unet": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform()}
+
+
+def _write_provenance(out: str, record: dict) -> None:
+    """The JSON sidecar ``OUT.json`` of one output, written atomically after the output itself."""
+    import datetime
+    import json
+
+    from unetcli.images import write_bytes_atomic
+
+    record = dict(record)
+    record["output"] = dict(record["output"], path=os.path.abspath(out), sha256=_sha256_file(out))
+    record["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    text = json.dumps(record, indent=2) + "\n"
+    try:
+        write_bytes_atomic(out + PROVENANCE_SUFFIX, text.encode("utf-8"))
+    except OSError as exc:
+        raise ImageWriteError(f"{out}{PROVENANCE_SUFFIX}: cannot write ({exc.strerror})") from exc
+
+
 def _check_writable(folder: Path, name: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ImageWriteError(f"{name}: cannot write in {folder} (permission denied)")
@@ -226,6 +270,10 @@ def command(
     fmt: Format = None,
     skip_existing: bool = typer.Option(False, "--skip-existing",
                                        help="Skip inputs whose output exists already (to restart a batch job)."),
+    provenance: bool = typer.Option(
+        False, "--provenance",
+        help="Write OUTPUT.json beside each output: the model's name and SHA-256, the input's SHA-256, every "
+             "parameter and the software versions, to audit a batch run later."),
 ) -> None:
     if list_models:
         from unetcli.checkpoint import list_models as found
@@ -249,6 +297,9 @@ def command(
     if min_size < 0:
         raise ConfigError(f"--min-size must be at least 0, not {min_size}")
     budget = _parse_size(memory_budget)
+    if provenance and output is not None and str(output) == "-":
+        raise ConfigError("--provenance writes a file beside each output, and stdout is not a file",
+                          hint="write to a file (-o mask.tif) or leave --provenance out")
 
     inputs = _expand_inputs(list(inputs))
     outs = _outputs(inputs, output, fmt, output_type)
@@ -280,14 +331,51 @@ def command(
         return probs_to_mask(p, threshold)
 
     def load(path: str):
-        arr = read_image(path)
+        digest = size = None
+        if provenance:
+            import hashlib
+
+            if path == "-":
+                raw = sys.stdin.buffer.read()
+                digest, size = hashlib.sha256(raw).hexdigest(), len(raw)
+                arr = read_image(path, stdin_bytes=raw)
+            else:
+                arr = read_image(path)
+                digest, size = _sha256_file(path), os.path.getsize(path)
+        else:
+            arr = read_image(path)
         name = "<stdin>" if path == "-" else path
         if arr.shape[-1] != mf.config.in_channels:
             raise ImageShapeError(f"{name}: has {arr.shape[-1]} channel(s), the model {mf.name} takes "
                                   f"{mf.config.in_channels}",
                                   hint=("convert it to grey" if mf.config.in_channels == 1
                                         else f"give images with {mf.config.in_channels} channels"))
-        return arr
+        return arr, digest, size
+
+    from unetcli import cli
+
+    environment = _environment() if provenance else None
+    parameters = {"output_type": output_type, "threshold": threshold, "min_size": min_size,
+                  "fill_holes": fill_holes, "largest_component": largest_component, "tta": tta,
+                  "tile": tile, "batch": batch, "memory_budget": memory_budget, "overlap": overlap,
+                  "blend": blend, "device": device, "precision": precision, "threads": threads,
+                  "format": fmt, "skip_existing": skip_existing}
+    model_record = {"name": mf.name, "path": str(mf.path.resolve()) if mf.path else None, "sha256": mf.sha256,
+                    "config": mf.config.to_dict(), "trained": mf.provenance}
+
+    def record(inp, out, stack, digest, size, plan, start, dtype) -> dict:
+        """Everything that made this output, except the output's own hash (added once it is written)."""
+        n, h, w, c = stack.shape
+        used = dict(parameters, tile_used=list(plan.tile), tiles=plan.count * n,
+                    batch_used=predictor.batch_for(plan, plan.count * n), device_used=str(predictor.device),
+                    threads_used=predictor.threads or predictor._auto_threads)
+        return {"input": {"path": "<stdin>" if inp == "-" else os.path.abspath(inp), "sha256": digest,
+                          "bytes": size, "shape": [n, h, w, c], "dtype": stack.dtype.name},
+                "output": {"type": output_type, "dtype": dtype,
+                           "format": "png" if out.lower().endswith(".png") else "tiff"},
+                "model": model_record, "parameters": used, "environment": environment,
+                "command": list(cli.ARGV),
+                "seconds": round(time.perf_counter() - start, 3)}
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -299,11 +387,13 @@ def command(
             """Wait for a background write, then print its path on stdout (data for pipelines)."""
             if job is not None:
                 job[0].result()
+                if job[2] is not None:
+                    _write_provenance(job[1], job[2])
                 sys.stdout.write(f"{job[1]}\n")
                 sys.stdout.flush()
 
         for idx, (inp, out) in enumerate(todo):
-            stack = ahead.result()
+            stack, digest, size = ahead.result()
             if idx + 1 < len(todo):
                 ahead = reader.submit(load, todo[idx + 1][0])
             n, h, w = stack.shape[:3]
@@ -327,6 +417,8 @@ def command(
                     finish(written)
                     written = None
                     _write_mask_streaming(out, predictor, stack, reduce, held)
+                    if provenance:
+                        _write_provenance(out, record(inp, out, stack, digest, size, plan, start, "uint8"))
                     sys.stdout.write(f"{out}\n")
                     sys.stdout.flush()
                 elif output_type == "probs":
@@ -353,7 +445,9 @@ def command(
                 if out == "-":
                     write_image("-", data, layout, fmt=fmt or "tiff")
                 else:
-                    written = (writer.submit(write_image, out, data, layout), out)
+                    rec = (record(inp, out, stack, digest, size, plan, start, data.dtype.name)
+                           if provenance else None)
+                    written = (writer.submit(write_image, out, data, layout), out, rec)
             pages = f", {n} pages" if n > 1 else ""
             console.info(f"{name} -> {'<stdout>' if out == '-' else out} ({h}x{w}{pages}, "
                          f"tile {plan.tile[0]}x{plan.tile[1]}, {plan.count * n} tiles, {secs:.1f} s)")
