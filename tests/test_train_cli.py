@@ -111,11 +111,15 @@ def test_run_folder_rules(unet, tmp_path):
     assert_one_line_error(run1("train", "--images", images, "--labels", labels, *TINY), "--out")
     r = run1("train", "--resume", tmp_path / "d", "--device", "cpu")
     assert_one_line_error(r, "not a run folder")
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "mine" / "run"              # missing parents are created, like mkdir -p
     assert run1("train", "--images", images, "--labels", labels, "--out", out, "--iterations", "1",
                 *TINY).code == 0
+    assert (out / "last.unet").is_file()
     assert_one_line_error(run1("train", "--images", images, "--labels", labels, "--out", out,
                                "--iterations", "1", *TINY), "already holds a training run")
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_error(run1("train", "--images", images, "--labels", labels, "--out",
+                               tmp_path / "afile" / "run", "--iterations", "1", *TINY), "not a folder")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

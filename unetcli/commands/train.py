@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -219,8 +220,14 @@ def command(
                                                                       "last.unet")):
             raise ConfigError(f"{run_dir}: already holds a training run",
                               hint="continue it with --resume, or give another --out")
-        if not run_dir.parent.is_dir():
-            raise ConfigError(f"{run_dir}: its folder {run_dir.parent} does not exist")
+        # missing folders are created when training starts (like mkdir -p); check they can be
+        ancestor = run_dir.parent.absolute()
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ConfigError(f"{run_dir}: {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"{run_dir}: cannot create it in {ancestor} (permission denied)")
         opts = given
 
     dist = training.init_distributed(opts.get("device", "auto"))
@@ -241,7 +248,7 @@ def command(
 
         from unetcli import __version__
 
-        run_dir.mkdir(exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         training.write_json(run_dir / "config.json", {
             "command": sys.argv, "options": opts, "train": tc.to_dict(), "network": net_config.to_dict(),
             "augment": _as_dict(augment_cfg), "normalization": norm, "class_names": class_names,
