@@ -6,13 +6,16 @@
 # none (w0 = 0); both keep the class balance w_c and the carved 2-pixel separation borders.
 #
 #   flock /tmp/unet-bench.lock benchmarks/train_nuclei.sh [OUT_DIR]
-#   BUDGET=15m W0S="10 0" MIN_SIZE=15 benchmarks/train_nuclei.sh /tmp/nuclei
+#   LENGTH="--iterations 800" W0S="10 0" MIN_SIZE=15 benchmarks/train_nuclei.sh /tmp/nuclei
+#
+# LENGTH is the length option of `unet train`: a step count (the default) gives the same model
+# whatever else runs on the machine; "--max-time 15m" gives a wall-clock budget instead.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 DATA="${DATA:-$HERE/../../shared/data/dsb2018-sample}"
 OUT="${1:-runs/nuclei-ablation}"
 UNET="${UNET:-python -m unetcli}"
-BUDGET="${BUDGET:-15m}"
+LENGTH="${LENGTH:---iterations 800}"
 W0S="${W0S:-10 0}"
 MIN_SIZE="${MIN_SIZE:-15}"
 STAGE="${STAGE:-all}"
@@ -38,7 +41,7 @@ for w0 in $W0S; do
     $UNET train --images "$split/train/images" --labels "$split/train/labels" \
       --w0 "$w0" --sigma 5 --balance dataset --border-width 2 \
       --base 16 --depth 4 --padding same --tile 256 --batch 2 \
-      --optimizer adam --lr 0.001 --schedule cosine --max-time "$BUDGET" \
+      --optimizer adam --lr 0.001 --schedule cosine $LENGTH \
       --workers 1 --seed 0 --checkpoint-every 100 --out "$run" > /dev/null
     echo "w0=$w0: training wall time $(( $(date +%s) - start )) s"
   fi

@@ -74,7 +74,7 @@ def _load(model_name: Optional[str]):
         try:
             resolve_model(DEFAULT_MODEL)
         except ModelFileError:
-            raise ModelFileError("no model given, and this version ships no model to use by default",
+            raise ModelFileError(f"no model given, and the default model {DEFAULT_MODEL} is not installed",
                                  hint="give one with --model PATH.unet (make one with `unet train`); "
                                       "`unet predict --list-models` lists the models found by name") from None
         model_name = DEFAULT_MODEL
