@@ -366,9 +366,9 @@ def command(
     def record(inp, out, stack, digest, size, plan, start, dtype) -> dict:
         """Everything that made this output, except the output's own hash (added once it is written)."""
         n, h, w, c = stack.shape
-        used = dict(parameters, tile_used=list(plan.tile), tiles=plan.count * n,
-                    batch_used=predictor.batch_for(plan, plan.count * n), device_used=str(predictor.device),
-                    threads_used=predictor.threads or predictor._auto_threads)
+        batch_used = predictor.batch_for(plan, plan.count * n)
+        used = dict(parameters, tile_used=list(plan.tile), tiles=plan.count * n, batch_used=batch_used,
+                    device_used=str(predictor.device), threads_used=predictor.threads_for(plan, batch_used))
         return {"input": {"path": "<stdin>" if inp == "-" else os.path.abspath(inp), "sha256": digest,
                           "bytes": size, "shape": [n, h, w, c], "dtype": stack.dtype.name},
                 "output": {"type": output_type, "dtype": dtype,
