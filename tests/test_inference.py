@@ -269,6 +269,27 @@ def test_stack_equals_page_by_page():
         assert np.abs(got[n] - pred.predict(stack[n])).max() <= 1e-5
 
 
+def test_tiff_rows_stream_the_same_prediction(tmp_path):
+    import tifffile
+
+    from unetcli.inference import TiffRows
+
+    net = _net(VALID)
+    stack = (np.random.default_rng(5).random((2, 83, 61)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", stack, rowsperstrip=7, compression="zlib", metadata=None)
+    src = TiffRows.open(tmp_path / "s.tif")
+    assert src is not None and src.shape == (2, 83, 61, 1)
+    assert np.array_equal(src.rows(1, np.array([0, 82, 40, 3])), stack[1][[0, 82, 40, 3], :, None])
+    pred = Predictor(net, VALID, tile=52, mean=[127.0], std=[60.0])
+    assert np.array_equal(pred.predict(src), pred.predict(stack[..., None]))   # many strips, mirrored rows
+    src.close()
+    tifffile.imwrite(tmp_path / "tiled.tif", np.zeros((64, 64), np.uint8), tile=(16, 16))
+    assert TiffRows.open(tmp_path / "tiled.tif") is None          # read whole instead
+    assert TiffRows.open(tmp_path / "s.tif", min_bytes=10**9) is None
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
+    assert TiffRows.open(tmp_path / "bad.tif") is None
+
+
 def test_model_file_normalisation_and_rgb(tmp_path):
     from unetcli.checkpoint import load_model, save_model
 

@@ -139,6 +139,24 @@ def test_stack_in_stack_out(run, tmp_path, models):
     assert np.allclose(probs[0] + probs[1], 1, atol=1e-5)
 
 
+def test_large_tiff_is_read_strip_by_strip(run, tmp_path, models, monkeypatch):
+    import tifffile
+
+    from unetcli.commands import predict as command
+
+    stack = np.stack([_grey_image(150, 70, seed=s) for s in range(2)])
+    tifffile.imwrite(tmp_path / "big.tif", stack, rowsperstrip=16, compression="zlib", metadata=None)
+    assert run("predict", "big.tif", "-o", "whole.tif", "-m", models["grey"]).code == 0
+    monkeypatch.setattr(command, "STREAM_TIFF_BYTES", 0)          # as if it were huge
+    assert run("predict", "big.tif", "-o", "rows.tif", "-m", models["grey"]).code == 0
+    assert run("predict", "big.tif", "-o", "rows-p.tif", "-m", models["grey"], "--output-type", "probs").code == 0
+    whole = read_image(tmp_path / "whole.tif")
+    assert whole.shape == (2, 150, 70, 1)
+    assert np.array_equal(read_image(tmp_path / "rows.tif"), whole)
+    assert np.array_equal(np.argmax(read_image(tmp_path / "rows-p.tif")[..., 0].reshape(2, 2, 150, 70), 1),
+                          whole[..., 0])
+
+
 def test_stdin_to_stdout(unet, tmp_path, models, isbi_dir):
     src = isbi_dir / "train" / "images" / "00.png"
     result = unet("predict", "-", "-o", "-", "--format", "png", "-m", models["grey"], "-q",

@@ -51,9 +51,10 @@ BLENDS = ("gaussian", "mean")
 DEFAULT_OVERLAP = 0.25
 MAX_AUTO_BATCH = 16
 SMALL_LAYER_FLOPS = 5e7  # below this many FLOPs per layer call, one CPU thread beats several
-# Real peaks over the simulated live tensors, with freed memory kept for reuse (reuse_freed_memory):
-# 1.3x (paper's network, 700x700) to 1.55x (base 16, 1052x1100) on glibc; cover both.
-_SAFETY = 1.6
+# Measured peaks (ru_maxrss, glibc malloc, channels-last, several tiles) over the simulated live
+# tensors: 1.15x for the paper's network at 700x876, 1.8x for base 16 at 1052x1100 (its many
+# mid-sized tensors fragment the heap); 1.5 sits between, and the CPU default budget leaves room.
+_SAFETY = 1.5
 
 Progress = Callable[[int, int], None]
 
@@ -424,11 +425,163 @@ def _axis_take(start: int, size: int, length: int) -> slice | np.ndarray:
     return mirror_index(np.arange(start, start + size), length)
 
 
-def _cut(image: np.ndarray, ry: slice | np.ndarray, rx: slice | np.ndarray) -> np.ndarray:
-    if isinstance(ry, slice) and isinstance(rx, slice):
-        return image[ry, rx]
-    rows = image[ry] if isinstance(ry, slice) else np.take(image, ry, axis=0)
-    return rows[:, rx] if isinstance(rx, slice) else np.take(rows, rx, axis=1)
+def _take(a: np.ndarray, index: slice | np.ndarray, axis: int) -> np.ndarray:
+    if isinstance(index, slice):
+        return a[index] if axis == 0 else a[:, index]
+    return np.take(a, index, axis=axis)
+
+
+# ------------------------------------------------------------------------------------- image sources
+
+class ArraySource:
+    """An image or stack in memory, (H, W, C) or (N, H, W, C), handed out row band by row band."""
+
+    def __init__(self, array: np.ndarray):
+        arr = np.asarray(array)
+        self.array = arr[None] if arr.ndim == 3 else arr
+        self.shape = self.array.shape
+        self.dtype = self.array.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def rows(self, page: int, index: slice | np.ndarray) -> np.ndarray:
+        """Rows ``index`` (a slice or row numbers) of ``page`` as (rows, W, C)."""
+        return _take(self.array[page], index, 0)
+
+    def page(self, n: int) -> np.ndarray:
+        return self.array[n]
+
+    def close(self) -> None:
+        pass
+
+
+class TiffRows:
+    """The pages of a striped TIFF file, decoded a few strips at a time, as an image source.
+
+    Only the strips that the current band of rows needs are decoded, and only the last two bands'
+    strips are kept, so predicting a huge TIFF needs memory for a band of rows, not for the image.
+    :meth:`open` returns None for layouts it does not stream (tiled TIFFs, planar RGB, channels stored
+    as pages, damaged files); read those whole with ``images.read_image``, which also reports errors.
+    """
+
+    def __init__(self, tf, pages: list, shape: tuple[int, int, int, int], name: str):
+        self._tf, self._pages, self.shape, self.name = tf, pages, shape, name
+        self.dtype = pages[0].dtype
+        self._rps = int(pages[0].rowsperstrip or shape[1])
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._order: list[tuple[int, int]] = []
+        self._limit = 0
+
+    @classmethod
+    def open(cls, path, *, min_bytes: int = 0) -> "TiffRows | None":
+        """A row source for ``path`` if it is a plain striped TIFF of at least ``min_bytes`` decoded."""
+        import tifffile
+
+        name = str(path)
+        try:
+            size = os.path.getsize(path)
+            tf = tifffile.TiffFile(path)
+        except Exception:  # not a TIFF, unreadable: read_image will say what is wrong
+            return None
+        try:
+            if len(tf.series) != 1:
+                raise ValueError("several series")
+            series = tf.series[0]
+            axes = series.axes
+            core = axes[1:] if len(axes) in (3, 4) and axes[0] not in "CS" else axes
+            if core not in ("YX", "YXS"):
+                raise ValueError(f"axes {axes}")
+            pages = list(series.pages)
+            first = pages[0]
+            if any(not hasattr(p, "decode") or p.is_tiled or p.shape != first.shape or p.dtype != first.dtype
+                   for p in pages):
+                raise ValueError("pages")
+            if first.samplesperpixel > 1 and first.planarconfig != 1:
+                raise ValueError("planar")
+            if first.dtype is None or first.dtype.kind not in "uif":
+                raise ValueError("dtype")
+            if any(o + c > size for p in pages for o, c in zip(p.dataoffsets, p.databytecounts)):
+                raise ValueError("truncated")
+            h, w = first.shape[:2]
+            c = first.shape[2] if len(first.shape) == 3 else 1
+            shape = (len(pages), h, w, c)
+            if np.prod(shape, dtype=np.float64) * first.dtype.itemsize < min_bytes:
+                raise ValueError("small")
+            src = cls(tf, pages, shape, name)
+            src._strip(0, 0)                       # the codec works on this file
+            return src
+        except Exception:
+            tf.close()
+            return None
+
+    @property
+    def nbytes(self) -> int:
+        """About what the decoded strips kept at once take: two bands of a tile's height."""
+        _n, h, w, c = self.shape
+        return int(2 * min(h, 1600) * w * c * self.dtype.itemsize)
+
+    def _strip(self, page: int, k: int) -> np.ndarray:
+        key = (page, k)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        pg = self._pages[page]
+        fh = self._tf.filehandle
+        fh.seek(pg.dataoffsets[k])
+        data = fh.read(pg.databytecounts[k])
+        try:
+            seg = pg.decode(data, k)[0]
+        except Exception as exc:
+            from unetcli.errors import ImageReadError
+
+            raise ImageReadError(f"{self.name}: damaged TIFF strip {k} of page {page + 1} ({exc})") from exc
+        _n, h, w, c = self.shape
+        rows = min(self._rps, h - k * self._rps)
+        arr = np.asarray(seg).reshape(-1, w, c)[:rows]
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            from unetcli.errors import ImageReadError
+
+            raise ImageReadError(f"{self.name}: contains NaN or infinite pixel values",
+                                 hint="replace them (e.g. with 0) before using the image")
+        self._cache[key] = arr
+        self._order.append(key)
+        return arr
+
+    def rows(self, page: int, index: slice | np.ndarray) -> np.ndarray:
+        """Rows ``index`` (a slice or row numbers) of ``page`` as (rows, W, C), decoding as needed."""
+        _n, h, w, c = self.shape
+        idx = np.arange(h)[index] if isinstance(index, slice) else np.asarray(index)
+        out = np.empty((len(idx), w, c), self.dtype)
+        strips = idx // self._rps
+        needed = set()
+        for k in np.unique(strips):
+            sel = strips == k
+            out[sel] = self._strip(page, int(k))[idx[sel] - int(k) * self._rps]
+            needed.add((page, int(k)))
+        # keep this band's strips and the previous band's; forget older ones
+        self._limit = max(self._limit, 2 * out.nbytes)
+        held = sum(a.nbytes for a in self._cache.values())
+        while held > self._limit and self._order:
+            key = self._order[0]
+            if key in needed:
+                break
+            self._order.pop(0)
+            held -= self._cache.pop(key).nbytes
+        return out
+
+    def page(self, n: int) -> np.ndarray:
+        return self.rows(n, slice(0, self.shape[1]))
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._tf.close()
+
+
+def as_source(image) -> "ArraySource | TiffRows":
+    """An image source from an array ((H, W, C) or (N, H, W, C)) or a source (returned as it is)."""
+    return image if hasattr(image, "rows") and hasattr(image, "shape") else ArraySource(image)
 
 
 # ---------------------------------------------------------------------------------------- the network
@@ -677,12 +830,13 @@ class Predictor:
                           batch=self.batch or 1, itemsize=self.itemsize, overlap=self.overlap,
                           blend=self.blend)
 
-    def held_bytes(self, stack: np.ndarray, result_bytes_per_pixel: float) -> int:
-        """Host memory a prediction of ``stack`` keeps besides its tiles: the input, the result (the
-        caller says how many bytes a pixel), and the TTA accumulator."""
-        n, h, w = stack.shape[:3] if stack.ndim == 4 else (1, *stack.shape[:2])
-        tta = self.config.num_classes * 4 * h * w if self.tta else 0
-        return int(stack.nbytes + n * h * w * result_bytes_per_pixel + tta)
+    def held_bytes(self, stack, result_bytes_per_pixel: float) -> int:
+        """Host memory a prediction of ``stack`` (an array or a source) keeps besides its tiles: the
+        input, the result (the caller says how many bytes a pixel), and the TTA accumulator."""
+        src = as_source(stack)
+        n, h, w = src.shape[:3]
+        tta = (self.config.num_classes * 4 + src.dtype.itemsize * src.shape[3]) * h * w if self.tta else 0
+        return int(src.nbytes + n * h * w * result_bytes_per_pixel + tta)
 
     def batch_for(self, plan: TilePlan, tiles: int) -> int:
         """Tiles per forward pass: the given batch, else 1 on CPU, else as many as the budget allows."""
@@ -695,17 +849,18 @@ class Predictor:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def _check(self, stack: np.ndarray) -> np.ndarray:
-        if stack.ndim == 3:
-            stack = stack[None]
-        if stack.ndim != 4:
-            raise ImageShapeError(f"expected an (H, W, C) image or (N, H, W, C) stack, got shape {stack.shape}")
-        if stack.shape[-1] != self.config.in_channels:
-            raise ImageShapeError(f"image has {stack.shape[-1]} channel(s), the network takes "
+    def _check(self, stack) -> "ArraySource | TiffRows":
+        if not hasattr(stack, "rows"):
+            stack = np.asarray(stack)
+            if stack.ndim not in (3, 4):
+                raise ImageShapeError(f"expected an (H, W, C) image or (N, H, W, C) stack, got shape {stack.shape}")
+        src = as_source(stack)
+        if src.shape[-1] != self.config.in_channels:
+            raise ImageShapeError(f"image has {src.shape[-1]} channel(s), the network takes "
                                   f"{self.config.in_channels}")
-        if stack.shape[1] < 1 or stack.shape[2] < 1:
-            raise ImageShapeError(f"image has no pixels ({stack.shape[1]}x{stack.shape[2]})")
-        return stack
+        if src.shape[1] < 1 or src.shape[2] < 1:
+            raise ImageShapeError(f"image has no pixels ({src.shape[1]}x{src.shape[2]})")
+        return src
 
     def _normalise(self, tile: np.ndarray, out: np.ndarray) -> None:
         np.copyto(out, tile, casting="unsafe")
@@ -714,19 +869,22 @@ class Predictor:
         if self.std is not None:
             out /= self.std
 
-    def _batches(self, stack: np.ndarray, plan: TilePlan, batch: int):
+    def _batches(self, src, plan: TilePlan, batch: int):
         """Yield (jobs, array (B, ty, tx, C) float32) in page, tile-row, tile-column order."""
         ty, tx = plan.tile
-        c = stack.shape[-1]
-        jobs = [(n, ky, kx) for n in range(stack.shape[0])
+        c = src.shape[-1]
+        jobs = [(n, ky, kx) for n in range(src.shape[0])
                 for ky in range(plan.y.count) for kx in range(plan.x.count)]
         takes_y = [_axis_take(s - plan.y.margin, ty, plan.y.length) for s in plan.y.starts]
         takes_x = [_axis_take(s - plan.x.margin, tx, plan.x.length) for s in plan.x.starts]
+        band_key, band = None, None
         for i in range(0, len(jobs), batch):
             chunk = jobs[i:i + batch]
             buf = np.empty((len(chunk), ty, tx, c), np.float32)
             for b, (n, ky, kx) in enumerate(chunk):
-                self._normalise(_cut(stack[n], takes_y[ky], takes_x[kx]), buf[b])
+                if band_key != (n, ky):             # the input rows of this tile row, mirrored
+                    band_key, band = (n, ky), src.rows(n, takes_y[ky])
+                self._normalise(_take(band, takes_x[kx], 1), buf[b])
             yield chunk, buf
 
     def threads_for(self, plan: TilePlan, batch: int) -> int | None:
@@ -762,7 +920,7 @@ class Predictor:
             logits = _forward(self.net, x)
         return torch.softmax(logits.float(), dim=1)
 
-    def _stream(self, stack: np.ndarray, reduce=None, dtype=np.uint8,
+    def _stream(self, stack, reduce=None, dtype=np.uint8,
                 held: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (page, y0, probs (K, h, W) or reduce(probs)) blocks of finished rows, in order."""
         n, h, w, _ = stack.shape
@@ -835,16 +993,16 @@ class Predictor:
         ``held``: host bytes the caller keeps besides the tiles (see :meth:`plan`); default: the input
         and a full result (probabilities, or ``dtype`` values with ``reduce``).
         """
-        stack = self._check(np.asarray(stack))
+        src = self._check(stack)
         if held is None:
             per_pixel = self.config.num_classes * 4 if reduce is None else np.dtype(dtype).itemsize
-            held = self.held_bytes(stack, per_pixel)
+            held = self.held_bytes(src, per_pixel)
         if not self.tta:
-            yield from self._stream(stack, reduce, dtype, held)
+            yield from self._stream(src, reduce, dtype, held)
             return
         k = self.config.num_classes
-        for n in range(stack.shape[0]):
-            probs = self._tta_page(stack[n], k, held)
+        for n in range(src.shape[0]):
+            probs = self._tta_page(src.page(n), k, held)
             yield n, 0, (reduce(probs) if reduce is not None else probs)
 
     def _tta_page(self, page: np.ndarray, k: int, held: int = 0) -> np.ndarray:
@@ -853,27 +1011,26 @@ class Predictor:
         for g in _D4:
             view = _transform(page, g, (0, 1))           # the transformed image (a view)
             target = _transform(acc, g, (1, 2))          # the accumulator seen in the same frame
-            for _n, y0, block in self._stream(view[None], held=held):
+            for _n, y0, block in self._stream(ArraySource(view), held=held):
                 target[:, y0:y0 + block.shape[1]] += block
         acc /= len(_D4)
         return acc
 
-    def predict(self, stack: np.ndarray, held: int | None = None) -> np.ndarray:
-        """Probabilities of an (H, W, C) image as (K, H, W), or of an (N, H, W, C) stack as (N, K, H, W)."""
-        arr = np.asarray(stack)
-        single = arr.ndim == 3
-        arr = self._check(arr)
+    def predict(self, stack, held: int | None = None) -> np.ndarray:
+        """Probabilities of an (H, W, C) image as (K, H, W), or of an (N, H, W, C) stack or an image
+        source as (N, K, H, W)."""
+        single = not hasattr(stack, "rows") and np.ndim(stack) == 3
+        arr = self._check(stack)
         n, h, w, _ = arr.shape
         out = np.empty((n, self.config.num_classes, h, w), np.float32)
         for page, y0, block in self.iter_blocks(arr, held=held):
             out[page, :, y0:y0 + block.shape[1]] = block
         return out[0] if single else out
 
-    def predict_mask(self, stack: np.ndarray, threshold: float | None = None) -> np.ndarray:
-        """The class map (uint8) of an (H, W, C) image as (H, W), or of a stack as (N, H, W)."""
-        arr = np.asarray(stack)
-        single = arr.ndim == 3
-        arr = self._check(arr)
+    def predict_mask(self, stack, threshold: float | None = None) -> np.ndarray:
+        """The class map (uint8) of an (H, W, C) image as (H, W), or of a stack or source as (N, H, W)."""
+        single = not hasattr(stack, "rows") and np.ndim(stack) == 3
+        arr = self._check(stack)
         n, h, w, _ = arr.shape
         out = np.empty((n, h, w), np.uint8)
         for page, y0, block in self.iter_blocks(arr, lambda p: probs_to_mask(p, threshold)):
@@ -1000,28 +1157,6 @@ def predict_image(model, image: np.ndarray, *, device: str | torch.device = "aut
     """Probabilities of a raw image with a model file: (H, W, C) -> (K, H, W), (N, H, W, C) ->
     (N, K, H, W). The model's normalisation is applied tile by tile."""
     return load_predictor(model, device=device, **options).predict(image)
-
-
-def reuse_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of returning it to the system (process-wide).
-
-    By default every large tensor is a fresh mmap, whose pages the kernel faults in and zeroes on first
-    touch, tile after tile: 15-25% of the prediction time on a CPU. With a high mmap threshold and a
-    high trim threshold the second tile onwards reuses the first tile's pages (the peak grows by the
-    heap's fragmentation, which :func:`tile_memory` allows for). The command line calls this once;
-    True if it took effect (glibc only).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, 1 << 30) == 1
-    return bool(ok and mallopt(m_trim_threshold, 1 << 30) == 1)
 
 
 def cpu_threads() -> int:

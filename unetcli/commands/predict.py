@@ -33,6 +33,7 @@ EPILOG = """Examples:
   unet predict images/ -o masks/ --provenance      # masks/NAME.tif + masks/NAME.tif.json"""
 
 DEFAULT_MODEL = "em-membranes"
+STREAM_TIFF_BYTES = 64 * 2**20   # TIFFs larger than this (decoded) are read strip by strip as needed
 OUTPUT_TYPES = ("probs", "mask", "labels")
 
 
@@ -319,7 +320,8 @@ def command(
     import numpy as np
 
     from unetcli.images import read_image, write_image
-    from unetcli.inference import load_predictor, probs_to_mask
+    from unetcli.images import TIFF, format_from_name, sniff_format
+    from unetcli.inference import TiffRows, load_predictor, probs_to_mask
     from unetcli.postprocess import clean, label_instances
 
     predictor = load_predictor(mf, device=device, tile=tile, batch=batch, precision=precision, tta=tta,
@@ -338,14 +340,19 @@ def command(
             if path == "-":
                 raw = sys.stdin.buffer.read()
                 digest, size = hashlib.sha256(raw).hexdigest(), len(raw)
-                arr = read_image(path, stdin_bytes=raw)
             else:
-                arr = read_image(path)
                 digest, size = _sha256_file(path), os.path.getsize(path)
-        else:
-            arr = read_image(path)
+        arr = None
+        if path != "-" and (format_from_name(path) == TIFF or Path(path).suffix == "") and Path(path).is_file():
+            with open(path, "rb") as fh:
+                if sniff_format(fh.read(16)) == TIFF:
+                    arr = TiffRows.open(path, min_bytes=STREAM_TIFF_BYTES)   # huge: rows on demand
+        if arr is None:
+            arr = read_image(path, stdin_bytes=raw) if provenance and path == "-" else read_image(path)
         name = "<stdin>" if path == "-" else path
         if arr.shape[-1] != mf.config.in_channels:
+            if hasattr(arr, "close"):
+                arr.close()
             raise ImageShapeError(f"{name}: has {arr.shape[-1]} channel(s), the model {mf.name} takes "
                                   f"{mf.config.in_channels}",
                                   hint=("convert it to grey" if mf.config.in_channels == 1
@@ -379,76 +386,90 @@ def command(
 
     from concurrent.futures import ThreadPoolExecutor
 
+    def finish(job) -> None:
+        """Wait for a background write, then print its path on stdout (data for pipelines)."""
+        if job is not None:
+            job[0].result()
+            if job[2] is not None:
+                _write_provenance(job[1], job[2])
+            sys.stdout.write(f"{job[1]}\n")
+            sys.stdout.flush()
+
+    def predict_one(stack, digest, size, inp: str, out: str, written, writer):
+        """Predict one input and write (or start writing) its output; returns the write in flight."""
+        n, h, w = stack.shape[:3]
+        streamed = output_type == "mask" and not post and out != "-" and out.lower().endswith((".tif", ".tiff"))
+        # host bytes per pixel of the result kept whole (the streamed mask keeps one band only)
+        per_pixel = {"probs": 4 * mf.config.num_classes, "mask": 0 if streamed else 1, "labels": 5}[output_type]
+        held = predictor.held_bytes(stack, per_pixel)
+        plan = predictor.plan(h, w, held)
+        name = "<stdin>" if inp == "-" else inp
+        start = time.perf_counter()
+        data = None
+        with console.progress(plan.count * n * (8 if tta else 1), f"{Path(name).name}") as advance:
+            last = [0]
+
+            def tick(done, total):
+                advance(done - last[0] if done >= last[0] else done)
+                last[0] = done
+
+            predictor.progress = tick
+            if streamed:
+                finish(written)
+                written = None
+                _write_mask_streaming(out, predictor, stack, reduce, held)
+                if provenance:
+                    _write_provenance(out, record(inp, out, stack, digest, size, plan, start, "uint8"))
+                sys.stdout.write(f"{out}\n")
+                sys.stdout.flush()
+            elif output_type == "probs":
+                probs = predictor.predict(stack, held)                     # (N, K, H, W)
+                data, layout = probs.reshape(n * probs.shape[1], h, w), "ZYX"
+            else:
+                masks = np.empty((n, h, w), np.uint8)
+                for page, y0, block in predictor.iter_blocks(stack, reduce, np.uint8, held):
+                    masks[page, y0:y0 + block.shape[0]] = block
+                if post:
+                    masks = np.stack([clean(m, fill=fill_holes, min_size=min_size, largest=largest_component)
+                                      for m in masks])
+                if output_type == "labels":
+                    labs = [label_instances(m) for m in masks]
+                    dtype = np.uint32 if any(lab.dtype == np.uint32 for lab in labs) else np.uint16
+                    data = np.stack([lab.astype(dtype) for lab in labs])
+                else:
+                    data = masks
+                data, layout = (data[0], "YX") if n == 1 else (data, "ZYX")
+        secs = time.perf_counter() - start
+        if data is not None:
+            finish(written)                            # one write in flight at a time
+            written = None
+            if out == "-":
+                write_image("-", data, layout, fmt=fmt or "tiff")
+            else:
+                rec = record(inp, out, stack, digest, size, plan, start, data.dtype.name) if provenance else None
+                written = (writer.submit(write_image, out, data, layout), out, rec)
+        pages = f", {n} pages" if n > 1 else ""
+        console.info(f"{name} -> {'<stdout>' if out == '-' else out} ({h}x{w}{pages}, "
+                     f"tile {plan.tile[0]}x{plan.tile[1]}, {plan.count * n} tiles, {secs:.1f} s)")
+        return written
+
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
         ahead = reader.submit(load, todo[0][0])       # reading the next file overlaps the current one
-        written = None                                # (future, path) of the write in flight
-
-        def finish(job) -> None:
-            """Wait for a background write, then print its path on stdout (data for pipelines)."""
-            if job is not None:
-                job[0].result()
-                if job[2] is not None:
-                    _write_provenance(job[1], job[2])
-                sys.stdout.write(f"{job[1]}\n")
-                sys.stdout.flush()
-
-        for idx, (inp, out) in enumerate(todo):
-            stack, digest, size = ahead.result()
-            if idx + 1 < len(todo):
-                ahead = reader.submit(load, todo[idx + 1][0])
-            n, h, w = stack.shape[:3]
-            streamed = output_type == "mask" and not post and out != "-" and out.lower().endswith((".tif", ".tiff"))
-            # host bytes per pixel of the result kept whole (the streamed mask keeps one band only)
-            per_pixel = {"probs": 4 * mf.config.num_classes, "mask": 0 if streamed else 1, "labels": 5}[output_type]
-            held = predictor.held_bytes(stack, per_pixel)
-            plan = predictor.plan(h, w, held)
-            name = "<stdin>" if inp == "-" else inp
-            start = time.perf_counter()
-            data = None
-            with console.progress(plan.count * n * (8 if tta else 1), f"{Path(name).name}") as advance:
-                last = [0]
-
-                def tick(done, total, advance=advance, last=last):
-                    advance(done - last[0] if done >= last[0] else done)
-                    last[0] = done
-
-                predictor.progress = tick
-                if streamed:
-                    finish(written)
-                    written = None
-                    _write_mask_streaming(out, predictor, stack, reduce, held)
-                    if provenance:
-                        _write_provenance(out, record(inp, out, stack, digest, size, plan, start, "uint8"))
-                    sys.stdout.write(f"{out}\n")
-                    sys.stdout.flush()
-                elif output_type == "probs":
-                    probs = predictor.predict(stack, held)                 # (N, K, H, W)
-                    data, layout = probs.reshape(n * probs.shape[1], h, w), "ZYX"
-                else:
-                    masks = np.empty((n, h, w), np.uint8)
-                    for page, y0, block in predictor.iter_blocks(stack, reduce, np.uint8, held):
-                        masks[page, y0:y0 + block.shape[0]] = block
-                    if post:
-                        masks = np.stack([clean(m, fill=fill_holes, min_size=min_size, largest=largest_component)
-                                          for m in masks])
-                    if output_type == "labels":
-                        labs = [label_instances(m) for m in masks]
-                        dtype = np.uint32 if any(lab.dtype == np.uint32 for lab in labs) else np.uint16
-                        data = np.stack([lab.astype(dtype) for lab in labs])
-                    else:
-                        data = masks
-                    data, layout = (data[0], "YX") if n == 1 else (data, "ZYX")
-            secs = time.perf_counter() - start
-            if data is not None:
-                finish(written)                        # one write in flight at a time
-                written = None
-                if out == "-":
-                    write_image("-", data, layout, fmt=fmt or "tiff")
-                else:
-                    rec = (record(inp, out, stack, digest, size, plan, start, data.dtype.name)
-                           if provenance else None)
-                    written = (writer.submit(write_image, out, data, layout), out, rec)
-            pages = f", {n} pages" if n > 1 else ""
-            console.info(f"{name} -> {'<stdout>' if out == '-' else out} ({h}x{w}{pages}, "
-                         f"tile {plan.tile[0]}x{plan.tile[1]}, {plan.count * n} tiles, {secs:.1f} s)")
-        finish(written)
+        written = None                                # (future, path, provenance) of the write in flight
+        stack = None
+        try:
+            for idx, (inp, out) in enumerate(todo):
+                stack, digest, size = ahead.result()
+                if idx + 1 < len(todo):
+                    ahead = reader.submit(load, todo[idx + 1][0])
+                try:
+                    written = predict_one(stack, digest, size, inp, out, written, writer)
+                finally:
+                    if hasattr(stack, "close"):
+                        stack.close()
+            finish(written)
+        finally:                                      # a source opened ahead and never used
+            if ahead.done() and not ahead.cancelled() and ahead.exception() is None:
+                nxt = ahead.result()[0]
+                if nxt is not stack and hasattr(nxt, "close"):
+                    nxt.close()
