@@ -320,7 +320,7 @@ def command(
     import numpy as np
 
     from unetcli.images import read_image, write_image
-    from unetcli.images import TIFF, format_from_name, sniff_format
+    from unetcli.images import TIFF, format_from_name
     from unetcli.inference import TiffRows, load_predictor, probs_to_mask
     from unetcli.postprocess import clean, label_instances
 
@@ -333,7 +333,7 @@ def command(
         return probs_to_mask(p, threshold)
 
     def load(path: str):
-        digest = size = None
+        digest = size = raw = None
         if provenance:
             import hashlib
 
@@ -343,12 +343,10 @@ def command(
             else:
                 digest, size = _sha256_file(path), os.path.getsize(path)
         arr = None
-        if path != "-" and (format_from_name(path) == TIFF or Path(path).suffix == "") and Path(path).is_file():
-            with open(path, "rb") as fh:
-                if sniff_format(fh.read(16)) == TIFF:
-                    arr = TiffRows.open(path, min_bytes=STREAM_TIFF_BYTES)   # huge: rows on demand
-        if arr is None:
-            arr = read_image(path, stdin_bytes=raw) if provenance and path == "-" else read_image(path)
+        if path != "-" and (format_from_name(path) == TIFF or Path(path).suffix == ""):
+            arr = TiffRows.open(path, min_bytes=STREAM_TIFF_BYTES)   # huge striped TIFF: rows on demand
+        if arr is None:                                              # anything else (or errors): whole
+            arr = read_image(path, stdin_bytes=raw)
         name = "<stdin>" if path == "-" else path
         if arr.shape[-1] != mf.config.in_channels:
             if hasattr(arr, "close"):
