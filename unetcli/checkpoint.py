@@ -48,6 +48,8 @@ class ModelFile:
     normalization: dict = field(default_factory=lambda: {"mean": [0.0], "std": [1.0]})
     class_names: list[str] = field(default_factory=lambda: ["background", "foreground"])
     provenance: dict = field(default_factory=dict)
+    postprocess: dict = field(default_factory=dict)   # tuned decoding of instances (instances.DecodeParams)
+    inputs: dict = field(default_factory=dict)        # what the model expects: dtype, pixel_size, channels
     path: Path | None = None
     sha256: str | None = None
 
@@ -83,6 +85,7 @@ class ModelFile:
 
 def save_model(path: str | os.PathLike, state: dict, config, *, normalization: dict | None = None,
                class_names: list[str] | None = None, provenance: dict | None = None,
+               postprocess: dict | None = None, inputs: dict | None = None,
                half: bool = False) -> Path:
     """Write a model file atomically. ``state`` maps names to torch tensors or numpy arrays.
 
@@ -113,6 +116,8 @@ def save_model(path: str | os.PathLike, state: dict, config, *, normalization: d
         "normalization": normalization or {"mean": [0.0] * n_ch, "std": [1.0] * n_ch},
         "class_names": class_names or [f"class{i}" for i in range(config.num_classes)],
         "provenance": prov,
+        "postprocess": postprocess or {},
+        "inputs": inputs or {},
         "tensors": index,
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
@@ -182,13 +187,19 @@ def load_model(name_or_path: str | os.PathLike) -> ModelFile:
         arr = np.frombuffer(payload[off:off + nbytes], dtype=np.dtype(dtype).newbyteorder("<"))
         arr = arr.reshape(shape).astype(np.float32 if arr.dtype.kind == "f" else arr.dtype.newbyteorder("="))
         tensors[t["name"]] = arr
-    norm = header.get("normalization") or {}
-    if len(norm.get("mean", [])) != config.in_channels or len(norm.get("std", [])) != config.in_channels:
-        raise ModelFileError(f"{path}: normalisation does not match {config.in_channels} input channel(s)")
+    from unetcli import normalize
+
+    norm = normalize.check(header.get("normalization"), config.in_channels, str(path))
+    extras = {}
+    for key in ("postprocess", "inputs"):
+        value = header.get(key) or {}
+        if not isinstance(value, dict):
+            raise ModelFileError(f"{path}: damaged model file ({key} is not a record)")
+        extras[key] = value
     return ModelFile(config=config, tensors=tensors, normalization=norm,
                      class_names=list(header.get("class_names") or []),
                      provenance=dict(header.get("provenance") or {}), path=path,
-                     sha256=hashlib.sha256(raw).hexdigest())
+                     sha256=hashlib.sha256(raw).hexdigest(), **extras)
 
 
 # ------------------------------------------------------------------------------------- finding models
