@@ -230,9 +230,11 @@ def test_run_folder_holds_everything(tmp_path):
     assert model.provenance["training"]["step"] == 4
     assert model.provenance["data"]["train"] == ["s0", "s1", "s2"]
     assert len(model.normalization["mean"]) == 1
-    # the resumable state is not a pickle: the model-file container
-    head = (run_dir / training.STATE_FILE).read_bytes()[:10]
-    assert head == checkpoint.MAGIC
+    # the resumable state is not a pickle: the model-file container (safetensors with unet's records)
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / training.STATE_FILE), framework="numpy") as f:
+        assert f.metadata()["format"] == checkpoint.FORMAT
     from unetcli.images import read_image
 
     curves = read_image(run_dir / "curves.png")

@@ -1,42 +1,58 @@
-"""Model files: one self-describing file per model, loaded without executing any code.
+"""Model files: one self-describing safetensors file per model, loaded without executing any code.
 
-A ``.unet`` file is::
+A ``.unet`` file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file::
 
-    b"UNETMODEL\\n"           10 bytes, the magic
-    format version           uint32, little endian
-    header length            uint64, little endian
-    header                   UTF-8 JSON: config, normalisation, class names, provenance, tensor index
-    tensor data              raw little-endian arrays, at the offsets the index gives
+    header length      uint64, little endian
+    header             UTF-8 JSON: per tensor its dtype, shape and byte range; "__metadata__", strings
+    tensor data        raw little-endian arrays, back to back, in the byte ranges the header gives
 
-Nothing in it is pickled: loading parses JSON and copies bytes into tensors, so a file from a stranger
-cannot run code. Truncation, a foreign format and a newer format version are each reported in one line.
+unet's records are strings in ``__metadata__``: ``format`` (``"unet-model"``), ``format_version``
+(``"2"``), ``weights_sha256`` (SHA-256 of the tensor data, the bytes after the header), and JSON for
+``config``, ``normalization``, ``class_names``, ``provenance``, ``postprocess`` and ``inputs``. Any
+safetensors reader loads the weights, e.g. ``safetensors.torch.load_file("em-membranes.unet")``.
+
+Loading reads the header alone first and checks all of it (``tensorfile.read_header``: bounded
+length, strict JSON, tensor dtypes, shapes and byte ranges against the file's size; here: the marker,
+the version, the config's types and ranges, the normalisation, the class names) before a single tensor
+is allocated; then a streamed pass checks the weights against their checksum, and only then are the
+tensors read (``safetensors.safe_open``, which maps the file). Nothing is ever unpickled, so a model
+file from a stranger cannot run code. Pickles and zip ``.pt`` files, truncated files, safetensors files
+of other tools, files of a newer format and hostile headers are each refused in one line.
+
+Format 1 files (unet 0.1 and 0.2: ``b"UNETMODEL\\n"``, uint32 version, uint64 header length, a JSON
+header with a tensor index, raw tensors) are still read, with the same checks; nothing writes them.
+
 Shipped models live in ``pretrained/`` (installed as ``unetcli.pretrained``); the user's own models can
 live in ``<user data dir>/unet/models`` (platformdirs); both are found by name.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
+import dataclasses
 import json
+import math
 import os
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from unetcli import __version__
+from unetcli import provenance as prov
+from unetcli import tensorfile
 from unetcli.errors import ConfigError, ModelFileError
+from unetcli.tensorfile import damaged, is_int, short, truncated
 
-MAGIC = b"UNETMODEL\n"
-FORMAT_VERSION = 1
+FORMAT = "unet-model"
+FORMAT_VERSION = 2
 SUFFIX = ".unet"
-_PREFIX = struct.Struct("<IQ")
-_MAX_HEADER = 64 * 2**20
-_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None, "int64": np.int64,
-           "float64": np.float64, "int32": np.int32, "uint8": np.uint8}
+LEGACY_MAGIC = b"UNETMODEL\n"                  # format 1
+RECORDS = ("config", "normalization", "class_names", "provenance", "postprocess", "inputs")
+_LEGACY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
+                  "int32": np.int32, "uint8": np.uint8}
+_PICKLE_HINT = ("unet never unpickles model files, since unpickling can run code; "
+                "convert it with a trusted tool or train with `unet train`")
 
 
 @dataclass
@@ -51,155 +67,234 @@ class ModelFile:
     postprocess: dict = field(default_factory=dict)   # tuned decoding of instances (instances.DecodeParams)
     inputs: dict = field(default_factory=dict)        # what the model expects: dtype, pixel_size, channels
     path: Path | None = None
-    sha256: str | None = None
+    sha256: str | None = None                         # of the whole file
 
     @property
     def name(self) -> str:
         return self.path.name.removesuffix(SUFFIX) if self.path else "<memory>"
 
     def network(self, device: str = "cpu"):
-        """A UNet in eval mode holding these weights, in float32, on ``device``."""
+        """A UNet in eval mode holding these weights, in float32, on ``device``.
+
+        The tensors are checked against a network built on the ``meta`` device (names and shapes, no
+        memory) first, so a config that asks for far more than the file holds allocates nothing.
+        """
         import torch
 
         from unetcli.model import UNet
 
-        net = UNet(self.config)
-        expected = net.state_dict()
+        with torch.device("meta"):
+            expected = UNet(self.config).state_dict()
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
         if missing or extra:
             what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
             raise ModelFileError(f"{self.path or 'model'}: weights do not match its config ({what})")
-        state = {}
         for key, ref in expected.items():
-            arr = self.tensors[key]
-            if tuple(arr.shape) != tuple(ref.shape):
-                raise ModelFileError(f"{self.path or 'model'}: tensor {key} has shape {arr.shape}, "
-                                     f"its config needs {tuple(ref.shape)}")
-            state[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
-        net.load_state_dict(state)
+            if tuple(self.tensors[key].shape) != tuple(ref.shape):
+                raise ModelFileError(f"{self.path or 'model'}: tensor {key} has shape "
+                                     f"{self.tensors[key].shape}, its config needs {tuple(ref.shape)}")
+        net = UNet(self.config)
+        net.load_state_dict({key: torch.from_numpy(np.ascontiguousarray(self.tensors[key])).to(ref.dtype)
+                             for key, ref in expected.items()})
         return net.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------- save
 
+def _as_array(name: str, value, half: bool) -> np.ndarray:
+    """A tensor or array as a contiguous little-endian array; floats as float16 or float32."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        arr = (value.float() if value.is_floating_point() else value).numpy()   # bf16 has no numpy type
+    else:
+        arr = np.asarray(value)
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float16 if half else np.float32)
+    return tensorfile.little_endian(name, arr)
+
+
 def save_model(path: str | os.PathLike, state: dict, config, *, normalization: dict | None = None,
                class_names: list[str] | None = None, provenance: dict | None = None,
                postprocess: dict | None = None, inputs: dict | None = None,
-               half: bool = False) -> Path:
+               half: bool = False, command: Sequence[str] | str | None = None) -> Path:
     """Write a model file atomically. ``state`` maps names to torch tensors or numpy arrays.
 
     ``half`` stores floating-point weights as float16 (half the size); they load back as float32.
+    ``provenance`` gets unet's version, the time and ``command`` (the command line as ``cli.run`` got
+    it; a ``"command"`` in ``provenance`` itself wins).
     """
-    from unetcli.images import write_bytes_atomic
-
-    index, blobs, offset = [], [], 0
-    for name, value in state.items():
-        arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-        if arr.dtype.kind == "f":
-            arr = arr.astype(np.float16 if half else np.float32)
-        dtype = arr.dtype.name
-        if dtype not in _DTYPES:
-            raise ConfigError(f"cannot store tensor {name} of type {dtype}")
-        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        index.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset,
-                      "nbytes": len(data)})
-        blobs.append(data)
-        offset += len(data)
-    payload = b"".join(blobs)
-    prov = {"unet_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc)
-            .isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
-    prov.update(provenance or {})
+    arrays = {name: _as_array(name, value, half) for name, value in state.items()}
     n_ch = config.in_channels
-    header = {
-        "config": config.to_dict(),
-        "normalization": normalization or {"mean": [0.0] * n_ch, "std": [1.0] * n_ch},
-        "class_names": class_names or [f"class{i}" for i in range(config.num_classes)],
-        "provenance": prov,
-        "postprocess": postprocess or {},
-        "inputs": inputs or {},
-        "tensors": index,
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-    }
-    head = json.dumps(header, sort_keys=True).encode("utf-8")
-    write_bytes_atomic(path, MAGIC + _PREFIX.pack(FORMAT_VERSION, len(head)) + head + payload)
+    names = list(class_names) if class_names else [f"class{i}" for i in range(config.num_classes)]
+    if len(names) != config.num_classes:
+        raise ConfigError(f"{len(names)} class names for a network of {config.num_classes} classes")
+    stamp = prov.stamp(command)
+    stamp.update(provenance or {})
+    records = {"config": config.to_dict(),
+               "normalization": normalization or {"mean": [0.0] * n_ch, "std": [1.0] * n_ch},
+               "class_names": names, "provenance": stamp, "postprocess": postprocess or {},
+               "inputs": inputs or {}}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    metadata.update({key: json.dumps(value, sort_keys=True) for key, value in records.items()})
+    tensorfile.write(path, arrays, metadata, checksum_key="weights_sha256")
     return Path(path)
 
 
-# ---------------------------------------------------------------------------------------------- load
+# ----------------------------------------------------------------------------------------------- load
 
-def _describe_foreign(head: bytes) -> str:
-    if head[:2] == b"PK":
-        return "a zip archive (a PyTorch .pt/.pth checkpoint?)"
-    if head[:1] == b"\x80":
-        return "a Python pickle (a PyTorch checkpoint?)"
-    if head[:8] == b"\x89HDF\r\n\x1a\n":
-        return "an HDF5 file (a Keras model?)"
-    return "not a unet model file"
+def _newer(path, version) -> ModelFileError:
+    return ModelFileError(f"{path}: written by a newer unet (model format {version}; this version reads up "
+                          f"to {FORMAT_VERSION})", hint="upgrade unet: pip install -U unet")
+
+
+def _foreign(path, head: bytes, kind: str | None = None) -> ModelFileError:
+    if kind is None:
+        kind = ("a zip archive (a PyTorch .pt/.pth checkpoint?)" if head[:2] == b"PK" else
+                "a Python pickle (a PyTorch checkpoint?)" if head[:1] == b"\x80" else
+                "an HDF5 file (a Keras model?)" if head[:8] == b"\x89HDF\r\n\x1a\n" else
+                "unknown content")
+    return ModelFileError(f"{path}: not a unet model file: {kind}", hint=_PICKLE_HINT)
+
+
+def _check_metadata(path, head: bytes):
+    """The unet marker and format version of a safetensors file's metadata, checked."""
+    def check(meta: dict) -> None:
+        if meta.get("format") != FORMAT:
+            raise _foreign(path, head, "a safetensors file without unet's records (weights saved by "
+                                       "another tool?); unet needs the network's configuration with them")
+        version = meta.get("format_version", "")
+        if not (version.isascii() and version.isdigit() and len(version) <= 6):
+            raise damaged(path, f"format version {short(version)}")
+        if int(version) > FORMAT_VERSION:
+            raise _newer(path, int(version))
+        if int(version) < 2:
+            raise damaged(path, f"format version {version} in a safetensors file")
+    return check
+
+
+def _safetensors_header(fh, head: bytes, path, size: int) -> tuple[tensorfile.Layout, dict, object]:
+    if size >= 9 and head[8:9] != b"{":         # safetensors headers are JSON objects
+        raise _foreign(path, head)
+    layout, meta = tensorfile.read_header(fh, path, size, _check_metadata(path, head))
+    records = {key: tensorfile.strict_json(meta[key], path, key) for key in RECORDS if key in meta}
+    return layout, records, meta.get("weights_sha256")
+
+
+def _legacy_header(fh, path, size: int) -> tuple[tensorfile.Layout, dict, object]:
+    """Format 1: magic, uint32 version, uint64 header length, JSON header with a tensor index."""
+    start = len(LEGACY_MAGIC) + 12
+    if size < start:
+        raise truncated(path, "header cut short")
+    fh.seek(len(LEGACY_MAGIC))
+    version, length = struct.unpack("<IQ", fh.read(12))
+    if version > 1:
+        raise _newer(path, version)
+    if version < 1 or length > tensorfile.MAX_HEADER:
+        raise damaged(path, "bad header")
+    if start + length > size:
+        raise truncated(path, "header cut short")
+    header = tensorfile.strict_json(fh.read(length), path, "header")
+    index = header.get("tensors") if isinstance(header, dict) else None
+    if not isinstance(index, list) or not all(isinstance(t, dict) for t in index):
+        raise damaged(path, "no tensor index")
+    tensors = []
+    for t in index:
+        dtype = _LEGACY_DTYPES.get(t.get("dtype")) if isinstance(t.get("dtype"), str) else None
+        begin, nbytes = t.get("offset"), t.get("nbytes")
+        end = begin + nbytes if is_int(begin) and is_int(nbytes) else None
+        tensors.append(tensorfile.check_tensor(path, t.get("name"), dtype, t.get("shape"), begin, end))
+    total = sum(t[4] - t[3] for t in tensors)
+    if any(t[4] > total for t in tensors):
+        raise damaged(path, "tensor byte ranges run past the weights")
+    if size - start - length < total:
+        raise truncated(path, f"{size - start - length} of {total} bytes of weights")
+    records = {key: header[key] for key in RECORDS if key in header}
+    return tensorfile.Layout(start + length, total, tensors), records, header.get("payload_sha256")
+
+
+_CONFIG_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def _records(path, records: dict) -> dict:
+    """The header's records, each checked: ModelFile's fields except the tensors."""
+    from unetcli import normalize
+    from unetcli.model import UNetConfig
+
+    config = records.get("config")
+    if not isinstance(config, dict):
+        raise damaged(path, "no network configuration")
+    for f in dataclasses.fields(UNetConfig):
+        value = config.get(f.name, f.default)
+        allowed = _CONFIG_TYPES[type(f.default)]
+        if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)) or \
+                (isinstance(value, float) and not math.isfinite(value)):
+            raise damaged(path, f"config {f.name} = {short(value)}")
+    try:
+        cfg = UNetConfig.from_dict(config)
+    except ConfigError as exc:
+        raise damaged(path, f"config: {exc.message}") from None
+    norm = normalize.check(records.get("normalization"), cfg.in_channels, str(path))
+    names = records.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or \
+            len(names) != cfg.num_classes:
+        raise damaged(path, f"class names {short(names)} for {cfg.num_classes} classes")
+    out = {"config": cfg, "normalization": norm, "class_names": names}
+    for key in ("provenance", "postprocess", "inputs"):
+        value = records.get(key)
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise damaged(path, f"{key} is not a record")
+        out[key] = value
+    return out
+
+
+def _checked_header(fh, path) -> tuple[tensorfile.Layout, dict, str, bool]:
+    """Everything a model file's header says, checked, having read the header alone.
+
+    Returns the layout, the records (ModelFile's fields), the weights' checksum and whether the file is
+    of format 1."""
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(16)
+    legacy = head.startswith(LEGACY_MAGIC)
+    layout, raw, checksum = (_legacy_header(fh, path, size) if legacy else
+                             _safetensors_header(fh, head, path, size))
+    if not (isinstance(checksum, str) and len(checksum) == 64 and all(c in "0123456789abcdef" for c in checksum)):
+        raise damaged(path, "no weight checksum")
+    return layout, _records(path, raw), checksum, legacy
+
+
+def _read_legacy(fh, layout: tensorfile.Layout) -> dict[str, np.ndarray]:
+    tensors = {}
+    for name, dtype, shape, begin, end in layout.tensors:
+        fh.seek(layout.data_start + begin)
+        tensors[name] = np.frombuffer(fh.read(end - begin), dtype).reshape(shape)
+    return tensors
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """Floats as float32, everything else in the machine's byte order."""
+    return arr.astype(np.float32 if arr.dtype.kind == "f" else arr.dtype.newbyteorder("="))
 
 
 def load_model(name_or_path: str | os.PathLike) -> ModelFile:
-    """Load a model by path or by name (shipped or in the user's model folder). Runs no code."""
-    from unetcli.model import UNetConfig
+    """Load a model by path or by name (shipped or in the user's model folder). Runs no code.
 
+    The header is read and checked first; then one streamed pass checks the weights' checksum; only
+    then are tensors allocated.
+    """
     path = resolve_model(name_or_path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            layout, records, checksum, legacy = _checked_header(fh, path)
+            file_sha, weights_sha = tensorfile.digests(fh, layout.data_start, layout.data_length)
+            if weights_sha != checksum:
+                raise damaged(path, "weights do not match their checksum")
+            tensors = _read_legacy(fh, layout) if legacy else tensorfile.read_tensors(path, layout)
     except OSError as exc:
         raise ModelFileError(f"{path}: cannot read ({exc.strerror})") from exc
-    if raw[:len(MAGIC)] != MAGIC:
-        kind = _describe_foreign(raw[:16])
-        hint = ("unet never unpickles model files, since unpickling can run code; "
-                "convert it with a trusted tool or train with `unet train`")
-        raise ModelFileError(f"{path}: {kind}, not a unet model file", hint=hint)
-    start = len(MAGIC) + _PREFIX.size
-    if len(raw) < start:
-        raise ModelFileError(f"{path}: truncated model file (header cut short)")
-    version, head_len = _PREFIX.unpack_from(raw, len(MAGIC))
-    if version > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: written by a newer unet (model format {version}; this version "
-                             f"reads up to {FORMAT_VERSION})", hint="upgrade unet: pip install -U unet")
-    if version < 1 or head_len > _MAX_HEADER:
-        raise ModelFileError(f"{path}: damaged model file (bad header)")
-    if len(raw) < start + head_len:
-        raise ModelFileError(f"{path}: truncated model file (header cut short)")
-    try:
-        header = json.loads(raw[start:start + head_len].decode("utf-8"))
-        config = UNetConfig.from_dict(header["config"])
-        index = header["tensors"]
-        payload = memoryview(raw)[start + head_len:]
-        size = sum(int(t["nbytes"]) for t in index)
-    except (ValueError, KeyError, TypeError, ConfigError) as exc:
-        raise ModelFileError(f"{path}: damaged model file header ({exc})") from exc
-    if len(payload) < size:
-        raise ModelFileError(f"{path}: truncated model file ({len(payload)} of {size} bytes of weights)",
-                             hint="download or copy the file again")
-    if hashlib.sha256(payload[:size]).hexdigest() != header.get("payload_sha256"):
-        raise ModelFileError(f"{path}: damaged model file (weights do not match their checksum)")
-    tensors = {}
-    for t in index:
-        dtype = _DTYPES.get(t.get("dtype"))
-        shape = tuple(int(s) for s in t["shape"])
-        off, nbytes = int(t["offset"]), int(t["nbytes"])
-        if dtype is None or off < 0 or off + nbytes > size or \
-                np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize != nbytes:
-            raise ModelFileError(f"{path}: damaged model file (tensor {t.get('name')!r})")
-        arr = np.frombuffer(payload[off:off + nbytes], dtype=np.dtype(dtype).newbyteorder("<"))
-        arr = arr.reshape(shape).astype(np.float32 if arr.dtype.kind == "f" else arr.dtype.newbyteorder("="))
-        tensors[t["name"]] = arr
-    from unetcli import normalize
-
-    norm = normalize.check(header.get("normalization"), config.in_channels, str(path))
-    extras = {}
-    for key in ("postprocess", "inputs"):
-        value = header.get(key) or {}
-        if not isinstance(value, dict):
-            raise ModelFileError(f"{path}: damaged model file ({key} is not a record)")
-        extras[key] = value
-    return ModelFile(config=config, tensors=tensors, normalization=norm,
-                     class_names=list(header.get("class_names") or []),
-                     provenance=dict(header.get("provenance") or {}), path=path,
-                     sha256=hashlib.sha256(raw).hexdigest(), **extras)
+    tensors = {name: _native(arr) for name, arr in tensors.items()}
+    return ModelFile(tensors=tensors, path=path, sha256=file_sha, **records)
 
 
 # ------------------------------------------------------------------------------------- finding models
