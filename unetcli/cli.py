@@ -1,14 +1,22 @@
 """The ``unet`` command line: the Typer app, its global flags, and the one place errors become exits.
 
 Exit status: 0 success, 1 an error (one line on stderr: ``unet: error: <what> (hint: <how>)``),
-2 a usage error or a subcommand not available yet, 130 interrupted.
+2 a usage error or a subcommand not available yet, 130 interrupted (Ctrl-C), 141 a broken pipe
+on stdout (quietly), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import logging
 import os
+import signal
 import sys
 import traceback
+import warnings
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -75,40 +83,211 @@ ARGV: list[str] = ["unet"]    # the command line being run (recorded in provenan
 
 
 def run(args: list[str]) -> int:
-    """Run the command line on ``args``; return the exit status instead of exiting."""
+    """Run the command line on ``args``; return the exit status instead of exiting.
+
+    0 success; 1 an error, one line on stderr; 2 a usage error; 130 interrupted (Ctrl-C);
+    141 stdout's reader went away (a broken pipe, quietly); 143 terminated (SIGTERM).
+    """
     global ARGV
+    from unetcli import guards
+
+    exits, aborts, usage_errors = _click_exceptions()
+
     ARGV = ["unet", *map(str, args)]
     args, flags = _split_global_flags(args)
     debug = "debug" in flags or os.environ.get("UNET_DEBUG", "") not in ("", "0")
     console.set_level(quiet="quiet" in flags, verbose="verbose" in flags)
+    original_stdout = sys.stdout
+    # a failed write to stdout (closed: `>&-`, full: `>/dev/full`) becomes one line, not a traceback
+    sys.stdout = _GuardedStream(_ClosedStdout() if sys.stdout is None else sys.stdout)
     command = typer.main.get_command(app)
     try:
-        # standalone mode: Typer prints usage errors itself (exit 2) and turns --help into exit 0.
-        command.main(args=args, prog_name="unet", standalone_mode=True)
+        previous_term = guards.raise_on_sigterm()
+    except ValueError:               # not the main thread: leave signals alone
+        previous_term = None
+    try:
+        with warnings.catch_warnings(), _one_line_logging():
+            warnings.simplefilter("default")
+            warnings.showwarning = _warning_line
+            # Not click's standalone mode: it would turn Ctrl-C into a silent exit 130 and a broken
+            # pipe into exit 1 before we could see them.
+            command._main_shell_completion({}, "unet", None)
+            with command.make_context("unet", list(args)) as ctx:
+                command.invoke(ctx)
+            sys.stdout.flush()       # a full or closed stdout fails here, not at interpreter exit
         return 0
+    except exits as exc:
+        return exc.exit_code
+    except usage_errors as exc:
+        _show_usage_error(command, exc)
+        return exc.exit_code
+    except (KeyboardInterrupt, *aborts):
+        console.error("unet: interrupted")
+        return 130
+    except guards.Terminated:
+        console.error("unet: terminated (SIGTERM)")
+        return guards.Terminated.exit_code
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    except KeyboardInterrupt:
-        console.error("unet: interrupted")
-        return 130
     except UnetError as exc:
         if debug:
             traceback.print_exc()
         console.error(f"unet: error: {exc.one_line()}")
         return getattr(exc, "exit_code", 1)
     except BrokenPipeError:
-        # The reader of our stdout went away (e.g. `| head`): not an error of ours.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # The reader of our stdout went away (e.g. `| head`): not an error of ours; say nothing.
+        _stdout_to_devnull()
         return 141
-    except Exception as exc:  # a bug: say so in one line, with the traceback on request
-        if debug:
-            traceback.print_exc()
-        detail = " ".join(str(exc).split())[:300]
-        console.error(f"unet: error: internal error: {type(exc).__name__}: {detail} "
-                      "(hint: rerun with --debug and report it)")
+    except _StdoutError as exc:
+        _stdout_to_devnull()
+        console.error(f"unet: error: {exc.one_line()}")
         return 1
+    except Exception as exc:  # a bug: say so in one line, with the traceback on request
+        return _internal_error(exc, debug)
+    finally:
+        sys.stdout = original_stdout
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(exit, abort, usage error) exception classes: Typer's own (it vendors click) and click's."""
+    import click
+    from typer import core
+
+    vendored = getattr(core, "_click", click)
+    exits = {typer.Exit, click.exceptions.Exit}
+    aborts = {typer.Abort, click.exceptions.Abort}
+    usage = {vendored.exceptions.ClickException, click.exceptions.ClickException}
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    detail = " ".join(str(exc).split())[:300]
+    console.error(f"unet: error: internal error: {type(exc).__name__}: {detail} "
+                  "(hint: rerun with --debug and report it)")
+    return 1
+
+
+def _show_usage_error(command, exc) -> None:
+    """A usage error the way Typer shows it in standalone mode (a boxed message when rich is there)."""
+    from typer import core
+
+    if getattr(core, "HAS_RICH", False) and getattr(command, "rich_markup_mode", None) is not None:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+    else:
+        exc.show()
+
+
+class _ClosedStdout(io.TextIOBase):
+    """Stands in for a closed stdout: writing data to it is an error, merely running is not."""
+
+    class _Buffer(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            raise OSError(errno.EBADF, "stdout is closed")
+
+    def __init__(self):
+        super().__init__()
+        self.buffer = self._Buffer()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    def fileno(self) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+
+class _StdoutError(UnetError):
+    default_hint = "stdout carries the data: redirect it to a file on a disk with space, or give -o FILE"
+
+
+class _GuardedStream:
+    """stdout (or its binary buffer) during a run: a failed write or flush raises _StdoutError.
+
+    A broken pipe stays a BrokenPipeError (exit 141, quietly); everything else is delegated.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def _guard(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise _StdoutError(f"cannot write to stdout ({reason})") from exc
+
+    def write(self, data):
+        return self._guard(self._stream.write, data)
+
+    def writelines(self, lines):
+        return self._guard(self._stream.writelines, lines)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    @property
+    def buffer(self):
+        return _GuardedStream(self._stream.buffer)
+
+
+def _stdout_to_devnull() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's last flush cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (numpy, tifffile, torch...) as one ``unet: warning:`` line."""
+    text = " ".join(str(message).split())
+    parts = Path(str(filename)).parts
+    source = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("site-packages", "dist-packages")),
+                  None)
+    if source is not None:
+        source = source.split(".")[0]
+        text = f"{source}: {text}"
+    console.error(f"unet: warning: {text}")
+
+
+class _OneLineHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = " ".join(record.getMessage().split())
+        except Exception:
+            text = str(record.msg)
+        console.error(f"unet: warning: {record.name.split('.')[0]}: {text}")
+
+
+@contextlib.contextmanager
+def _one_line_logging():
+    """Third-party log records of level WARNING and above (tifffile logs its complaints) as one line."""
+    root = logging.getLogger()
+    handler = _OneLineHandler(logging.WARNING)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 def main() -> None:
