@@ -89,6 +89,10 @@ def command(
     if cls is not None and len(cls) < 2:
         raise ConfigError("--classes needs at least two values (the first is the background)")
 
+    from unetcli.guards import check_outputs
+
+    if output is not None and str(output) != "-":
+        check_outputs([*predictions, truth], [output])   # the scores never replace what they score
     pairs = _pairs(predictions, truth)
     with console.progress(len(pairs), "evaluating") as advance:
         report = M.evaluate(pairs, metrics=metrics, thresholds=sweep, probability=probability.value,
@@ -118,6 +122,7 @@ def _pairs(predictions: list[str], truth: str) -> list:
 
     from unetcli import metrics as M
     from unetcli.errors import ConfigError, ImageReadError, LabelError
+    from unetcli.guards import declared_shape, read_stdin_once
     from unetcli.images import read_image
     from unetcli.labels import integer_labels, label_planes
 
@@ -162,12 +167,17 @@ def _pairs(predictions: list[str], truth: str) -> list:
                               hint="give a folder of truth files named like the predictions")
         matched = [(preds[0], truth_path)]
 
+    # every header first: a stack whose pages differ is refused before any image is decoded
+    stdin = read_stdin_once() if "-" in preds else None
+    for pred_path, truth_file in matched:
+        declared_shape(stdin if pred_path == "-" else pred_path, "<stdin>" if pred_path == "-" else None)
+        declared_shape(truth_file)
     pairs = []
     for pred_path, truth_file in matched:
         pname = "<stdin>" if pred_path == "-" else str(pred_path)
         tname = str(truth_file)
         truth_pages = integer_labels(label_planes(read_image(truth_file), tname), tname)
-        pred = read_image(pred_path)
+        pred = read_image(pred_path, stdin_bytes=stdin if pred_path == "-" else None)
         nt, npg = truth_pages.shape[0], pred.shape[0]
         h, w = truth_pages.shape[1:]
         if pred.shape[1:3] != (h, w):
