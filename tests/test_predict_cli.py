@@ -255,9 +255,10 @@ def test_same_padding_model_and_options(run, tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 
 def test_error_wrong_channel_count(run, tmp_path, models):
-    write_image(tmp_path / "rgb.png", np.zeros((20, 20, 3), np.uint8), "YXC")
-    result = run("predict", "rgb.png", "-o", "mask.tif", "-m", models["grey"])
-    assert_one_line_error(result, "rgb.png", "3 channel")
+    # five channels have no rule that maps them onto a grey model (RGB does: luminance)
+    write_image(tmp_path / "five.tif", np.zeros((20, 20, 5), np.uint8), "YXC")
+    result = run("predict", "five.tif", "-o", "mask.tif", "-m", models["grey"])
+    assert_one_line_error(result, "five.tif", "5 channels")
     assert not (tmp_path / "mask.tif").exists() and not _leftovers(tmp_path)
 
 

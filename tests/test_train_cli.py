@@ -52,14 +52,16 @@ def test_a_short_run_prints_its_summary_and_writes_the_run_folder(unet, tmp_path
              "--val-index", "2", "--json", *TINY)
     assert r.code == 0, r
     summary = json.loads(r.stdout)
-    assert summary["step"] == 3 and summary["best_metric"] == "iou"
+    # instance labels: auto selects by object F1 (the decoding tuned on the validation image)
+    assert summary["step"] == 3 and summary["best_metric"] == "f1"
     assert Path(summary["best"]) == out / "best.unet" and Path(summary["last"]) == out / "last.unet"
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["iterations"] == 3 and config["seed"] == 0
     assert config["data"]["validation"] == ["im2"]
     assert "train" in config["command"]
     model = checkpoint.load_model(out / "best.unet")
-    assert "iou" in model.provenance["metrics"]
+    assert "iou" in model.provenance["metrics"] and "f1" in model.provenance["metrics"]
+    assert set(model.postprocess) >= {"threshold", "min_size"}
     assert {"last.unet", "best.unet", "metrics.jsonl", "curves.png", "train-state.bin",
             "config.json"} <= {p.name for p in out.iterdir()}
     # plain output: the two model paths, nothing else

@@ -154,7 +154,8 @@ def test_invalid_tile_names_the_nearest_sizes(tmp_path):
 
 def test_normalisation_is_computed_from_the_training_images_only(tmp_path):
     images, labels = make_folder(tmp_path, n=4)
-    *_, norm, _names, _aug, note = training.prepare(options(images, labels, val_index="3"))
+    *_, norm, _names, _aug, note = training.prepare(options(images, labels, val_index="3",
+                                                                   normalize="dataset"))
     from unetcli.images import read_image
 
     raw = np.concatenate([read_image(images / f"s{i}.png").ravel() for i in range(3)]).astype(np.float64)
@@ -188,7 +189,7 @@ def test_tiles_depend_only_on_seed_rank_and_number(tmp_path):
     from unetcli import transforms
 
     images, labels = make_folder(tmp_path, n=3)
-    _tc, _net, samples, _v, norm, *_ = training.prepare(options(images, labels))
+    _tc, _net, samples, _v, norm, *_ = training.prepare(options(images, labels, normalize="dataset"))
     a = datamod.TileSampler(samples, 32, 32, transforms.AugmentConfig(), seed=1, mean=norm["mean"],
                             std=norm["std"])
     b = datamod.TileSampler(samples, 32, 32, transforms.AugmentConfig(), seed=1, mean=norm["mean"],
@@ -229,7 +230,7 @@ def test_run_folder_holds_everything(tmp_path):
     assert model.config.base == 4 and model.class_names == ["background", "foreground"]
     assert model.provenance["training"]["step"] == 4
     assert model.provenance["data"]["train"] == ["s0", "s1", "s2"]
-    assert len(model.normalization["mean"]) == 1
+    assert model.normalization == {"kind": "percentile", "low": 1.0, "high": 99.8}   # the new default
     # the resumable state is not a pickle: the model-file container (safetensors with unet's records)
     from safetensors import safe_open
 

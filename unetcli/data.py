@@ -121,17 +121,23 @@ def _drop_alpha(arr: np.ndarray) -> np.ndarray:
 
 
 def load_pairs(pairs, *, foreground=None, classes=None, border_width=None,
-               select: Callable[[int, str], bool] | None = None) -> list[Sample]:
+               select: Callable[[int, str], bool] | None = None, norm: dict | None = None,
+               channels: Sequence[int] | None = None, target: str = "two-class") -> list[Sample]:
     """Read every pair (stacks split into pages) and build its class-index target.
 
     ``foreground``/``classes`` are the label conventions of ``unet weights`` (parsed value lists or
-    None); ``select(index, name)`` keeps a subset of the pages (used for ``--val-index``).
+    None); ``select(index, name)`` keeps a subset of the pages (used for ``--val-index``); ``channels``
+    (0-based) picks and orders the image channels; ``target`` is 'two-class' or 'three-class'
+    (``labels.training_target``). With a per-image ``norm`` (``normalize``: percentile or z-score) each
+    page is stored normalised (``scale`` 1); otherwise scaled to [0, 1] by its type's maximum.
     """
+    from unetcli import normalize
     from unetcli import labels as labelmod
 
     out: list[Sample] = []
     index = 0
-    kwargs = {}
+    kwargs = {"target": target}
+    per_image = norm is not None and normalize.kind(norm) != "dataset"
     if border_width is not None:
         kwargs["border_width"] = border_width
     for stem, ipath, lpath, wpath in pairs:
@@ -144,7 +150,9 @@ def load_pairs(pairs, *, foreground=None, classes=None, border_width=None,
             raise LabelError(f"{wpath}: {wts.shape[0]} page(s), but its image {ipath} has {img.shape[0]}")
         many = img.shape[0] > 1
         img = _drop_alpha(img)
-        scale = value_scale(img)
+        if channels is not None:
+            img, _ = normalize.adapt_channels(img, len(channels), channels, str(ipath))
+        scale = 1.0 if per_image else value_scale(img)
         for page in range(img.shape[0]):
             name = f"{stem}[{page}]" if many else stem
             where = f"{lpath} page {page}" if many else str(lpath)
@@ -168,7 +176,10 @@ def load_pairs(pairs, *, foreground=None, classes=None, border_width=None,
                 w = wplane.astype(np.float32)
                 if not np.isfinite(w).all() or (w < 0).any():
                     raise LabelError(f"{wpath}: weight map holds negative or non-finite values")
-            image = img[page].astype(np.float32) / np.float32(scale)
+            if per_image:
+                image = normalize.apply(norm, img[page])
+            else:
+                image = img[page].astype(np.float32) / np.float32(scale)
             out.append(Sample(name=name, image=image, target=np.ascontiguousarray(target, np.uint8),
                               instances=instances, label=label, weights=w, scale=scale))
     return out
@@ -205,6 +216,16 @@ def normalization(samples: Sequence[Sample]) -> dict:
     std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
     std = np.where(std > 1e-12, std, 1.0)
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def tile_mean_std(norm: dict, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mean, std)`` that training tiles are normalised with: the dataset statistics of an old
+    (``dataset``) rule; zeros and ones for per-image rules, whose samples are stored normalised."""
+    from unetcli import normalize
+
+    if normalize.kind(norm) == "dataset":
+        return np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+    return np.zeros(channels, np.float32), np.ones(channels, np.float32)
 
 
 def parse_index(text: str, count: int) -> list[int]:

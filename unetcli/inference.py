@@ -768,7 +768,7 @@ class Predictor:
                  overlap: float = DEFAULT_OVERLAP, blend: str = "gaussian",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  threads: int | None = None, channels_last: bool | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, normalization: dict | None = None):
         self.config = config
         self.device = resolve_device(device)
         self.precision = precision
@@ -792,6 +792,7 @@ class Predictor:
         c = config.in_channels
         self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(c)
         self.std = None if std is None else np.asarray(std, np.float32).reshape(c)
+        self.normalization = normalization     # a per-image rule (normalize): mean/std set per image
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be at least 1, not {threads}")
         self.threads = None if threads is None else int(threads)
@@ -861,6 +862,22 @@ class Predictor:
         if src.shape[1] < 1 or src.shape[2] < 1:
             raise ImageShapeError(f"image has no pixels ({src.shape[1]}x{src.shape[2]})")
         return src
+
+    def _image_statistics(self, src) -> None:
+        """With a per-image normalisation (percentile, z-score), set mean/std from this image: the whole
+        stack's statistics, from at most 512 rows spread over its pages for a source read on demand."""
+        from unetcli import normalize
+
+        if self.normalization is None or normalize.kind(self.normalization) == "dataset":
+            return
+        if isinstance(src, ArraySource):
+            sample = src.array
+        else:
+            n, h = src.shape[0], src.shape[1]
+            per_page = max(1, 512 // n)
+            rows = np.unique(np.linspace(0, h - 1, min(h, per_page)).astype(np.int64))
+            sample = np.stack([src.rows(p, rows) for p in range(n)])
+        self.mean, self.std = normalize.image_stats(self.normalization, sample)
 
     def _normalise(self, tile: np.ndarray, out: np.ndarray) -> None:
         np.copyto(out, tile, casting="unsafe")
@@ -994,6 +1011,7 @@ class Predictor:
         and a full result (probabilities, or ``dtype`` values with ``reduce``).
         """
         src = self._check(stack)
+        self._image_statistics(src)
         if held is None:
             per_pixel = self.config.num_classes * 4 if reduce is None else np.dtype(dtype).itemsize
             held = self.held_bytes(src, per_pixel)
@@ -1149,7 +1167,11 @@ def load_predictor(model, *, device: str | torch.device = "auto", **options) -> 
     """
     dev = resolve_device(device)
     net = model.network("cpu")
+    from unetcli import normalize
+
     norm = model.normalization or {}
+    if normalize.kind(norm) != "dataset":
+        return Predictor(net, model.config, device=dev, normalization=norm, **options)
     return Predictor(net, model.config, device=dev, mean=norm.get("mean"), std=norm.get("std"), **options)
 
 

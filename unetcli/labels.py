@@ -183,7 +183,7 @@ def relabel(inst: np.ndarray) -> np.ndarray:
 
 def training_target(label: np.ndarray, *, foreground: list[int] | None = None,
                     classes: list[int] | None = None, border_width: int = DEFAULT_BORDER_WIDTH,
-                    name: str = "labels") -> tuple[np.ndarray, np.ndarray | None]:
+                    name: str = "labels", target: str = "two-class") -> tuple[np.ndarray, np.ndarray | None]:
     """The training target and instance map of one 2-D label image.
 
     Returns ``(target, instances)``:
@@ -196,6 +196,10 @@ def training_target(label: np.ndarray, *, foreground: list[int] | None = None,
       components), every other value is background.
     - ``classes`` values: a multi-class map; ``target`` holds each pixel's index in ``classes``;
       ``instances`` is None.
+
+    - ``target="three-class"`` (instance labels and binary masks): ``target`` holds 0 = background,
+      1 = object interior, 2 = the object's rim (``instances.border_target``, one pixel: touching objects
+      are two border pixels apart); nothing is carved and ``instances`` keeps every object whole.
 
     Raises LabelError naming ``name`` for fractional, negative or non-finite labels, for values not in
     ``classes``, and for more than 255 classes; ConfigError for ``foreground`` with ``classes``.
@@ -229,16 +233,26 @@ def training_target(label: np.ndarray, *, foreground: list[int] | None = None,
 
     from scipy import ndimage
 
+    from unetcli.instances import TARGETS, border_target
+
+    if target not in TARGETS:
+        raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, not {target!r}")
+    three = target == "three-class"
     if foreground is not None:
         mask = np.isin(label, np.asarray(foreground, dtype=np.int64))
         instances, _ = ndimage.label(mask)  # default structure in 2-D: 4-connectivity
-        return mask.astype(np.uint8), instances.astype(np.int32)
+        instances = instances.astype(np.int32)
+        return (border_target(instances) if three else mask.astype(np.uint8)), instances
 
     objects = label != 0
     values = label[objects]
     if values.size == 0 or values.min() == values.max():  # binary mask (or empty): components
         instances, _ = ndimage.label(objects)
-        return objects.astype(np.uint8), instances.astype(np.int32)
+        instances = instances.astype(np.int32)
+        return (border_target(instances) if three else objects.astype(np.uint8)), instances
+    if three:
+        instances = relabel(label)
+        return border_target(instances), instances
 
     carved = np.where(carve_borders(label, border_width), 0, label)
     instances = relabel(carved)

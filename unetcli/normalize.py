@@ -36,7 +36,8 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def parse(text: str) -> dict:
-    """``--normalize`` text -> a normalisation record: ``percentile``, ``percentile:LOW,HIGH``, ``zscore``."""
+    """``--normalize`` text -> a normalisation record: ``percentile``, ``percentile:LOW,HIGH``, ``zscore``,
+    or ``dataset`` (``{"kind": "dataset"}``: the training set's mean and std, computed by ``unet train``)."""
     name, _, args = text.strip().partition(":")
     if name == "percentile":
         low, high = DEFAULT["low"], DEFAULT["high"]
@@ -48,8 +49,10 @@ def parse(text: str) -> dict:
         return check({"kind": "percentile", "low": low, "high": high})
     if name == "zscore" and not args:
         return {"kind": "zscore"}
+    if name == "dataset" and not args:
+        return {"kind": "dataset"}          # statistics still to be computed from the training set
     raise ConfigError(f"--normalize {text!r}: not a normalisation",
-                      hint="use percentile, percentile:LOW,HIGH or zscore")
+                      hint="use percentile, percentile:LOW,HIGH, zscore or dataset")
 
 
 def kind(norm: dict) -> str:

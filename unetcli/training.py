@@ -52,7 +52,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly", "onecycle")
 LOSSES = ("ce", "ce+dice")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-METRICS = ("auto", "loss", "iou", "dice", "vrand", "vinfo", "pixel_error")
+METRICS = ("auto", "loss", "iou", "dice", "vrand", "vinfo", "pixel_error", "f1", "ap")
+OBJECT_METRICS = ("f1", "ap")
 LOWER_IS_BETTER = {"loss", "pixel_error"}
 STATE_FILE = "train-state.bin"
 STATE_FORMAT = 1
@@ -372,17 +373,19 @@ def load_state(path: Path) -> tuple[dict, dict, dict]:
 # ------------------------------------------------------------------------------------- validation
 
 def validate(net: nn.Module, samples, *, normalization: dict, config: UNetConfig, device: torch.device,
-             precision: str, tile: int | None, membrane: bool) -> dict:
+             precision: str, tile: int | None, membrane: bool, objects: str | None = None) -> dict:
     """Whole-image overlap-tile prediction of every validation image; mean scores over the images.
 
     Keys: ``loss`` (unweighted cross-entropy), the pixel scores of ``metrics.pixel_scores`` (iou, dice,
-    per class, pixel_error) and, for membrane-type data, ``vrand`` and ``vinfo`` (thinned).
+    per class, pixel_error) and, for membrane-type data, ``vrand`` and ``vinfo`` (thinned). With
+    ``objects`` ('f1' or 'ap'), the instance decoding is tuned on these images for that metric
+    (``instances.tune``): ``f1``, ``ap`` of the tuned decoding and its parameters as ``decode_*`` keys.
     """
-    from unetcli import inference, metrics
+    from unetcli import inference, instances, metrics
+    from unetcli import data as datamod
 
-    mean = np.asarray(normalization["mean"], np.float32)
-    std = np.asarray(normalization["std"], np.float32)
-    rows = []
+    mean, std = datamod.tile_mean_std(normalization, config.in_channels)
+    rows, probs, truths = [], [], []
     was_training = net.training
     net.eval()
     try:
@@ -399,11 +402,34 @@ def validate(net: nn.Module, samples, *, normalization: dict, config: UNetConfig
                 truth = s.instances if s.instances is not None else s.target
                 scores = metrics.isbi_scores(prob[0], truth)
                 row.update({key: float(scores[key]) for key in ("vrand", "vinfo") if key in scores})
+            if objects and s.instances is not None and k in (2, 3):
+                probs.append(prob)
+                whole = k == 2 and s.label is not None and len(np.unique(s.label)) > 2   # not the carved copy
+                truths.append(s.label if whole else s.instances)
             rows.append(row)
     finally:
         net.train(was_training)
     keys = sorted(set().union(*rows)) if rows else []
-    return {key: float(np.mean([r[key] for r in rows if key in r])) for key in keys}
+    out = {key: float(np.mean([r[key] for r in rows if key in r])) for key in keys}
+    if probs:
+        params, _ = instances.tune(probs, truths, metric=objects)
+        scored = [metrics.object_scores(instances.decode(p, params), t) for p, t in zip(probs, truths)]
+        for key in ("f1", "ap", "precision", "recall"):
+            out[key if key in ("f1", "ap") else f"object_{key}"] = float(np.mean([r[key] for r in scored]))
+        out.update({f"decode_{k}": float(v) for k, v in params.to_dict().items()})
+    return out
+
+
+def decode_params_of(val: dict | None) -> dict:
+    """The tuned instance decoding recorded by :func:`validate` (``decode_*`` keys), as a model file's
+    ``postprocess`` record; empty when there is none."""
+    from unetcli import instances
+
+    got = {k.removeprefix("decode_"): v for k, v in (val or {}).items() if k.startswith("decode_")}
+    if not got:
+        return {}
+    ints = {"min_seed", "min_size", "grow"}
+    return instances.DecodeParams(**{k: int(round(v)) if k in ints else float(v) for k, v in got.items()}).to_dict()
 
 
 # ------------------------------------------------------------------------------------ run folder
@@ -611,7 +637,7 @@ def train(cfg: TrainConfig, net_config: UNetConfig, train_samples, val_samples, 
 
     # ---- data
     gpu_aug = cfg.gpu_augment if cfg.gpu_augment is not None else device.type == "cuda"
-    mean, std = normalization["mean"], normalization["std"]
+    mean, std = datamod.tile_mean_std(normalization, net_config.in_channels)
     sampler = datamod.TileSampler(train_samples, cfg.tile, out_size, augment, seed=cfg.seed,
                                   rank=dist.rank, mean=mean, std=std, raw_crops=gpu_aug)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
@@ -623,9 +649,13 @@ def train(cfg: TrainConfig, net_config: UNetConfig, train_samples, val_samples, 
         bg = np.mean([float((s.target == 0).mean()) for s in val_samples])
         membrane = bool(net_config.num_classes == 2 and bg < 0.5 and
                         all(len(np.unique(s.label)) <= 2 for s in val_samples))
+    objects_known = bool(val_samples) and all(s.instances is not None for s in val_samples) \
+        and net_config.num_classes in (2, 3)
     if best_metric == "auto":
-        best_metric = ("vrand" if membrane else ("iou" if net_config.num_classes >= 2 else "loss")) \
-            if val_samples else "loss"
+        best_metric = ("vrand" if membrane else ("f1" if objects_known else "iou")) if val_samples else "loss"
+    if best_metric in OBJECT_METRICS and not objects_known:
+        raise ConfigError(f"--val-metric {best_metric} needs instance labels or binary masks to validate on")
+    objects = best_metric if best_metric in OBJECT_METRICS else ("f1" if objects_known and not membrane else None)
     if best_metric in ("vrand", "vinfo"):
         membrane = True
     best_value = info.get("best_value")
@@ -648,11 +678,12 @@ def train(cfg: TrainConfig, net_config: UNetConfig, train_samples, val_samples, 
                          "device": str(device), "precision": precision, "world_size": dist.world}
         if val:
             p["metrics"] = {k: round(v, 6) for k, v in val.items()}
+        extra = {"postprocess": decode_params_of(val), "inputs": (prov.get("data") or {}).get("inputs")}
         checkpoint.save_model(run_dir / "last.unet", state, net_config, normalization=normalization,
-                              class_names=list(class_names), provenance=p)
+                              class_names=list(class_names), provenance=p, **extra)
         if best:
             checkpoint.save_model(run_dir / "best.unet", state, net_config, normalization=normalization,
-                                  class_names=list(class_names), provenance=p)
+                                  class_names=list(class_names), provenance=p, **extra)
 
     def save_all(step: int, elapsed: float, val: dict | None, best: bool) -> None:
         if not dist.main:
@@ -758,7 +789,7 @@ def train(cfg: TrainConfig, net_config: UNetConfig, train_samples, val_samples, 
             if val_now and dist.main:
                 last_val = validate(net, val_samples, normalization=normalization, config=net_config,
                                     device=device, precision=precision, tile=cfg.val_tile,
-                                    membrane=membrane)
+                                    membrane=membrane, objects=objects)
                 elapsed = time.perf_counter() - t_start
                 log({"kind": "val", "step": step, "elapsed_s": round(elapsed, 2),
                      **{f"val_{k}": v for k, v in last_val.items()}})
@@ -791,7 +822,8 @@ def train(cfg: TrainConfig, net_config: UNetConfig, train_samples, val_samples, 
     if dist.main and val_samples and interrupted is None and \
             not any(r.get("kind") == "val" and r.get("step") == step for r in history[-3:]):
         last_val = validate(net, val_samples, normalization=normalization, config=net_config,
-                            device=device, precision=precision, tile=cfg.val_tile, membrane=membrane)
+                            device=device, precision=precision, tile=cfg.val_tile, membrane=membrane,
+                            objects=objects)
         log({"kind": "val", "step": step, "elapsed_s": round(time.perf_counter() - t_start, 2),
              **{f"val_{k}": v for k, v in last_val.items()}})
         if best_metric in last_val and better(last_val[best_metric]):
@@ -820,7 +852,8 @@ RUN_DEFAULTS: dict = {
     "val_split": None, "val_index": None, "foreground": None, "classes": None, "border_width": None,
     "w0": 10.0, "sigma": 5.0, "balance": "dataset", "init": None,
     "base": 64, "depth": 4, "padding": "valid", "batchnorm": False, "dropout": 0.5,
-    "augment": True, "augmentations": None, "elastic_sigma": None, "elastic_grid": None,
+    "augment": True, "augmentations": None, "elastic_sigma": None, "elastic_grid": None, "scale_range": None,
+    "normalize": "percentile", "target": "two-class", "channels": None,
     **{f.name: f.default for f in dataclasses.fields(TrainConfig)},
 }
 # Options that may differ when a run is resumed (where it runs, not what it computes).
@@ -846,6 +879,13 @@ def augment_config(opts: dict):
         key = next((k for k in ("elastic_sigma", "sigma") if k in fields), None)
         if key:
             changes[key] = float(opts["elastic_sigma"])
+    if opts.get("scale_range") is not None:
+        text = opts["scale_range"]
+        try:
+            lo, hi = (float(v) for v in str(text).split(","))
+        except ValueError:
+            raise ConfigError(f"--scale-range {text!r}: expected LOW,HIGH zoom factors, e.g. 0.7,1.4") from None
+        changes["scale_range"] = (lo, hi)
     if opts.get("elastic_grid") is not None:
         key = next((k for k in ("grid", "elastic_grid") if k in fields), None)
         if key:
@@ -902,7 +942,22 @@ def prepare(opts: dict, *, dist: Dist | None = None, cache_dir: Path | None = No
         raise ConfigError("--val-images and --val-labels go together")
     tc = TrainConfig.from_dict(o)           # checks the training settings first: cheap and early
     pairs = datamod.pair_files(o["images"], o["labels"], weights_dir)
-    kw = {"foreground": foreground, "classes": classes, "border_width": o["border_width"]}
+    from unetcli import normalize
+
+    if o["init"] is not None and "normalize" not in opts:
+        norm_rule = None                     # fine-tuning keeps the rule of the model it starts from
+    else:
+        norm_rule = normalize.parse(o["normalize"]) if isinstance(o["normalize"], str) else o["normalize"]
+        if norm_rule is not None and normalize.kind(norm_rule) == "dataset" and "mean" not in norm_rule:
+            norm_rule = None                 # computed from the training images below
+    if o["init"] is not None and norm_rule is None:
+        init_norm = checkpoint.load_model(o["init"]).normalization
+        norm_rule = init_norm if normalize.kind(init_norm) != "dataset" else None
+    picked = normalize.parse_channels(o["channels"]) if isinstance(o["channels"], str) else o["channels"]
+    if o["target"] == "three-class" and classes is not None:
+        raise ConfigError("--target three-class needs instance labels or binary masks, not --classes")
+    kw = {"foreground": foreground, "classes": classes, "border_width": o["border_width"],
+          "norm": norm_rule, "channels": picked, "target": o["target"]}
     val_pick: set[int] = set()
     if o["val_index"] is not None or o["val_split"] is not None:
         count = datamod.count_pages(pairs)
@@ -917,7 +972,7 @@ def prepare(opts: dict, *, dist: Dist | None = None, cache_dir: Path | None = No
     val_samples = [s for i, s in enumerate(samples) if i in val_pick]
     if o["val_images"] is not None:
         val_samples = datamod.load_pairs(datamod.pair_files(o["val_images"], o["val_labels"]), **kw)
-    k = labelmod.num_classes(classes)
+    k = 3 if o["target"] == "three-class" else labelmod.num_classes(classes)
     channels = datamod.check_samples(train_samples, k, "training")
     if val_samples:
         vc = datamod.check_samples(val_samples, k, "validation")
@@ -940,12 +995,15 @@ def prepare(opts: dict, *, dist: Dist | None = None, cache_dir: Path | None = No
         datamod.auto_weights(train_samples, w0=float(o["w0"]), sigma=float(o["sigma"]),
                              balance=o["balance"], cache_dir=cache_dir)
     augment = augment_config(o)
-    norm = datamod.normalization(train_samples)
+    norm = norm_rule if norm_rule is not None else datamod.normalization(train_samples)
     if classes is not None:
         class_names = [f"class{v}" for v in classes]
+    elif o["target"] == "three-class":
+        class_names = ["background", "interior", "border"]
     else:
         class_names = ["background", "foreground"]
     data_note = {"images": str(o["images"]), "labels": str(o["labels"]),
+                 "inputs": {"channels": [i + 1 for i in picked] if picked else None},
                  "weights": str(weights_opt), "train": [s.name for s in train_samples],
                  "validation": [s.name for s in val_samples],
                  "fingerprint": datamod.fingerprint(train_samples)}

@@ -239,9 +239,20 @@ def command(
              "labels: instance labels, the connected components of the foreground classes (uint16/uint32)."),
     threshold: Optional[float] = typer.Option(
         None, "--threshold", metavar="P",
-        help="Two-class models: foreground where its probability exceeds P (default: the more probable class)."),
-    min_size: int = typer.Option(0, "--min-size", metavar="PIXELS",
-                                 help="Remove objects smaller than this many pixels (masks and labels)."),
+        help="Two-class models: foreground where its probability exceeds P (default: the more probable "
+             "class); labels: the foreground threshold of the decoding (default: the model's tuned value)."),
+    min_size: Optional[int] = typer.Option(
+        None, "--min-size", metavar="PIXELS",
+        help="Remove objects smaller than this many pixels (masks and labels; default for labels: the "
+             "model's tuned value, else 0)."),
+    seed: Optional[float] = typer.Option(
+        None, "--seed-threshold", metavar="P",
+        help="Three-class models, labels: interior probability that starts an object (default: the model's "
+             "tuned value, else 0.5)."),
+    channels: Optional[str] = typer.Option(
+        None, "--channels", metavar="LIST",
+        help="Pick and order the input's channels, 1-based: e.g. 2 for the nuclear stain of a 3-channel "
+             "TIFF (default: the channels the model was trained on)."),
     fill_holes: bool = typer.Option(False, "--fill-holes", help="Fill holes inside objects (masks and labels)."),
     largest_component: bool = typer.Option(
         False, "--largest-component",
@@ -289,14 +300,19 @@ def command(
     if fmt is not None and fmt.lower() not in ("tiff", "tif", "png"):
         raise ConfigError(f"unknown format {fmt!r}", hint="use tiff or png")
     fmt = None if fmt is None else ("png" if fmt.lower() == "png" else "tiff")
-    post = fill_holes or largest_component or min_size > 0
+    post = fill_holes or largest_component or (min_size or 0) > 0
     if output_type == "probs" and (post or threshold is not None):
         raise ConfigError("--threshold, --min-size, --fill-holes and --largest-component apply to masks and "
                           "labels, not to probabilities", hint="use --output-type mask or labels")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be between 0 and 1, not {threshold}")
-    if min_size < 0:
+    if min_size is not None and min_size < 0:
         raise ConfigError(f"--min-size must be at least 0, not {min_size}")
+    if seed is not None and output_type != "labels":
+        raise ConfigError("--seed-threshold applies to --output-type labels")
+    from unetcli import normalize
+
+    picked = normalize.parse_channels(channels)
     budget = _parse_size(memory_budget)
     if provenance and output is not None and str(output) == "-":
         raise ConfigError("--provenance writes a file beside each output, and stdout is not a file",
@@ -314,7 +330,19 @@ def command(
         return
 
     mf = _load(model)
-    if threshold is not None and mf.config.num_classes != 2:
+    if picked is None and (mf.inputs or {}).get("channels"):
+        picked = [int(c) - 1 for c in mf.inputs["channels"]]
+    decode = None
+    if output_type == "labels":
+        from unetcli.instances import DecodeParams
+
+        tuned = DecodeParams.from_dict(mf.postprocess)
+        changes = {k: v for k, v in (("threshold", threshold), ("seed", seed), ("min_size", min_size))
+                   if v is not None}
+        decode = DecodeParams.from_dict({**tuned.to_dict(), **changes})
+        if mf.postprocess:
+            console.detail(f"instance decoding {decode.to_dict()} (tuned values of {mf.name}, flags override)")
+    if threshold is not None and mf.config.num_classes != 2 and output_type != "labels":
         raise ConfigError(f"--threshold applies to two-class models; {mf.name} has {mf.config.num_classes} classes",
                           hint="leave --threshold out: each pixel gets its most probable class")
     import numpy as np
@@ -322,7 +350,7 @@ def command(
     from unetcli.images import read_image, write_image
     from unetcli.images import TIFF, format_from_name
     from unetcli.inference import TiffRows, load_predictor, probs_to_mask
-    from unetcli.postprocess import clean, label_instances
+    from unetcli.postprocess import clean
 
     predictor = load_predictor(mf, device=device, tile=tile, batch=batch, precision=precision, tta=tta,
                                memory_budget=budget, overlap=overlap, blend=blend, threads=threads)
@@ -348,6 +376,10 @@ def command(
         if arr is None:                                              # anything else (or errors): whole
             arr = read_image(path, stdin_bytes=raw)
         name = "<stdin>" if path == "-" else path
+        if isinstance(arr, np.ndarray) and (picked is not None or arr.shape[-1] != mf.config.in_channels):
+            arr, note = normalize.adapt_channels(arr, mf.config.in_channels, picked, name)
+            if note:
+                console.detail(note)
         if arr.shape[-1] != mf.config.in_channels:
             if hasattr(arr, "close"):
                 arr.close()
@@ -398,7 +430,8 @@ def command(
         n, h, w = stack.shape[:3]
         streamed = output_type == "mask" and not post and out != "-" and out.lower().endswith((".tif", ".tiff"))
         # host bytes per pixel of the result kept whole (the streamed mask keeps one band only)
-        per_pixel = {"probs": 4 * mf.config.num_classes, "mask": 0 if streamed else 1, "labels": 5}[output_type]
+        per_pixel = {"probs": 4 * mf.config.num_classes, "mask": 0 if streamed else 1,
+                     "labels": 4 * mf.config.num_classes + 4}[output_type]
         held = predictor.held_bytes(stack, per_pixel)
         plan = predictor.plan(h, w, held)
         name = "<stdin>" if inp == "-" else inp
@@ -423,20 +456,23 @@ def command(
             elif output_type == "probs":
                 probs = predictor.predict(stack, held)                     # (N, K, H, W)
                 data, layout = probs.reshape(n * probs.shape[1], h, w), "ZYX"
+            elif output_type == "labels":
+                from unetcli.instances import decode_image
+
+                probs = predictor.predict(stack, held)                     # (N, K, H, W)
+                labs = [decode_image(p, decode, fill=fill_holes, largest=largest_component) for p in probs]
+                del probs
+                dtype = np.uint32 if any(lab.dtype == np.uint32 for lab in labs) else np.uint16
+                data = np.stack([lab.astype(dtype) for lab in labs])
+                data, layout = (data[0], "YX") if n == 1 else (data, "ZYX")
             else:
                 masks = np.empty((n, h, w), np.uint8)
                 for page, y0, block in predictor.iter_blocks(stack, reduce, np.uint8, held):
                     masks[page, y0:y0 + block.shape[0]] = block
                 if post:
-                    masks = np.stack([clean(m, fill=fill_holes, min_size=min_size, largest=largest_component)
+                    masks = np.stack([clean(m, fill=fill_holes, min_size=min_size or 0, largest=largest_component)
                                       for m in masks])
-                if output_type == "labels":
-                    labs = [label_instances(m) for m in masks]
-                    dtype = np.uint32 if any(lab.dtype == np.uint32 for lab in labs) else np.uint16
-                    data = np.stack([lab.astype(dtype) for lab in labs])
-                else:
-                    data = masks
-                data, layout = (data[0], "YX") if n == 1 else (data, "ZYX")
+                data, layout = (masks[0], "YX") if n == 1 else (masks, "ZYX")
         secs = time.perf_counter() - start
         if data is not None:
             finish(written)                            # one write in flight at a time

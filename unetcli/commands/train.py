@@ -67,6 +67,22 @@ def command(
     border_width: Annotated[Optional[int], typer.Option("--border-width", metavar="PX",
                             help="Separation border carved between touching objects of instance "
                                  "labels (as in unet weights).  \\[default: 2]")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", metavar="two-class|three-class",
+                      help="What the network learns from instance labels: two-class (background, object; "
+                           "touching objects carved apart) or three-class (background, interior, border; "
+                           "instances grown from the interiors).  \\[default: two-class]")] = None,
+    normalize: Annotated[Optional[str], typer.Option("--normalize",
+                         metavar="percentile[:LOW,HIGH]|zscore|dataset",
+                         help="Intensity normalisation stored in the model: percentile maps each image's "
+                              "1st..99.8th percentiles to 0..1 (any bit depth), zscore uses each image's mean "
+                              "and std, dataset the training set's mean and std (unet 0.2's rule).  "
+                              "\\[default: percentile]")] = None,
+    scale_range: Annotated[Optional[str], typer.Option("--scale-range", metavar="LOW,HIGH",
+                           help="Zoom factors of the scale augmentation (log-uniform), e.g. 0.7,1.4 for "
+                                "images taken at other magnifications.  \\[default: 0.9,1.1]")] = None,
+    channels: Annotated[Optional[str], typer.Option("--channels", metavar="LIST",
+                        help="Pick and order the image channels the model learns from, 1-based: e.g. 2 "
+                             "(the nuclear stain of a 3-channel TIFF) or 3,1.")] = None,
     w0: Annotated[Optional[float], typer.Option("--w0", help="Border term weight of --weights auto.  "
                                                                "\\[default: 10]")] = None,
     sigma: Annotated[Optional[float], typer.Option("--sigma", metavar="PX",
@@ -183,7 +199,8 @@ def command(
         "val_tile": val_tile, "checkpoint_every": checkpoint_every, "log_every": log_every,
         "seed": seed, "deterministic": deterministic, "precision": precision,
         "channels_last": channels_last, "workers": workers, "compile": compile_,
-        "gpu_augment": gpu_augment,
+        "gpu_augment": gpu_augment, "target": target, "normalize": normalize, "channels": channels,
+        "scale_range": scale_range,
     }
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
     if max_time is not None:
