@@ -61,17 +61,6 @@ def test_python_dash_m_and_entry_point_agree(tmp_path):
     assert a.stdout == b.stdout and a.returncode == b.returncode == 0
 
 
-def test_not_yet_available_commands_exit_2(unet):
-    from unetcli import commands  # noqa: F401  (modules are imported by cli)
-    import importlib
-
-    stubs = [n for n in COMMANDS if hasattr(importlib.import_module(f"unetcli.commands.{n}"), "CONTEXT")]
-    for name in stubs:
-        result = unet(name, "--anything", "x")
-        assert result.code == 2 and result.out == b""
-        assert "not available yet" in result.stderr
-
-
 def test_usage_errors_exit_2(unet):
     assert unet("no-such-command").code == 2
     assert unet("--no-such-flag").code == 2

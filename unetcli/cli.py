@@ -1,7 +1,7 @@
 """The ``unet`` command line: the Typer app, its global flags, and the one place errors become exits.
 
 Exit status: 0 success, 1 an error (one line on stderr: ``unet: error: <what> (hint: <how>)``),
-2 a usage error or a subcommand not available yet, 130 interrupted (Ctrl-C), 141 a broken pipe
+2 a usage error, 130 interrupted (Ctrl-C), 141 a broken pipe
 on stdout (quietly), 143 terminated (SIGTERM).
 """
 
@@ -40,8 +40,7 @@ app = typer.Typer(
 
 # The subcommands, in the order a user meets them.
 for module in (weights, augment, train, predict, evaluate):
-    app.command(module.NAME, help=module.HELP, epilog=module.EPILOG,
-                context_settings=getattr(module, "CONTEXT", None))(module.command)
+    app.command(module.NAME, help=module.HELP, epilog=module.EPILOG)(module.command)
 
 
 def _version(value: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,13 +41,6 @@ class Sample:
     label: np.ndarray                 # (H, W) the label image as read (for metrics on the truth)
     weights: np.ndarray | None = None  # (H, W) float32 loss weights, or None for uniform
     scale: float = 1.0                # raw pixel value = image * scale
-
-
-@dataclass
-class Source:
-    """Where the pages of one input come from: a list of (name, image path, page, label path, page)."""
-
-    items: list[tuple[str, str, int, str, int]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ pairing

@@ -66,7 +66,5 @@ class LabelError(UnetError):
     """Label images that are not labels (fractions, unknown classes, mismatched sizes)."""
 
 
-class NotAvailableError(UnetError):
-    """A subcommand that this version does not provide yet (exit status 2)."""
-
-    exit_code = 2
+class RunFolderError(UnetError):
+    """A training run folder that cannot be used (not empty, not a run, damaged state)."""

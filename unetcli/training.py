@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetcli import checkpoint
-from unetcli.errors import ConfigError, ModelFileError, UnetError
-from unetcli.model import UNet, UNetConfig, check_tile, he_init
+from unetcli.errors import ConfigError, ModelFileError, RunFolderError
+from unetcli.model import UNet, UNetConfig, check_tile
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly", "onecycle")
@@ -57,10 +57,6 @@ OBJECT_METRICS = ("f1", "ap")
 LOWER_IS_BETTER = {"loss", "pixel_error"}
 STATE_FILE = "train-state.bin"
 STATE_FORMAT = 1
-
-
-class RunFolderError(UnetError):
-    """A run folder that cannot be used (not empty, not a run, damaged state)."""
 
 
 @dataclass(frozen=True)
