@@ -53,14 +53,85 @@ def test_png_round_trip_is_exact(tmp_path, dtype, channels):
     np.testing.assert_array_equal(back[0], data)
 
 
-def test_png_codec_matches_pillow_on_all_row_filters(tmp_path):
+def test_png_reader_matches_pillow_on_all_row_filters(tmp_path):
     # Pillow's encoder picks filters adaptively; a smooth ramp plus noise uses Sub, Up, Average, Paeth.
     y, x = np.mgrid[0:40, 0:37]
     data = np.stack([(x * 3 + y) % 256, (y * 5) % 256, rng.integers(0, 256, (40, 37))], -1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(data).save(buf, format="PNG", optimize=True)
-    raw = buf.getvalue()
-    np.testing.assert_array_equal(images.decode_png(raw, "t"), data)
+    Image.fromarray(data).save(tmp_path / "x.png", optimize=True)
+    np.testing.assert_array_equal(images.read_image(tmp_path / "x.png")[0], data)
+
+
+@pytest.mark.parametrize("filt", ["NONE", "SUB", "UP", "AVG", "PAETH"])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_png_is_exact_under_every_row_filter(tmp_path, filt, channels):
+    import imagecodecs
+
+    y, x = np.mgrid[0:33, 0:29]
+    ramp = (x * 1031 + y * 257)[..., None] + np.arange(channels) * 4099
+    data = ((ramp + rng.integers(0, 64, ramp.shape)) % 65536).astype(np.uint16)
+    raw = imagecodecs.png_encode(data, filter=getattr(imagecodecs.PNG.FILTER, filt))
+    (tmp_path / "x.png").write_bytes(raw)
+    back = images.read_image(tmp_path / "x.png")
+    assert back.dtype == np.uint16 and back.shape == (1, 33, 29, channels)
+    np.testing.assert_array_equal(back[0], data)
+
+
+def test_interlaced_16_bit_colour_png_is_exact(tmp_path):
+    data = _random((21, 18, 3), np.uint16)
+    raw = _png(data, interlace=True)
+    np.testing.assert_array_equal(images.read_image(_save(tmp_path / "i.png", raw))[0], data)
+
+
+def _png(data: np.ndarray, interlace: bool = False, extra: bytes = b"") -> bytes:
+    """A PNG written independently of the code under test: zlib and struct, filter 0 rows (Adam7 when
+    ``interlace``), ``extra`` chunks before the image data."""
+    import zlib
+
+    h, w, c = data.shape
+    ctype, depth = {1: 0, 2: 4, 3: 2, 4: 6}[c], data.dtype.itemsize * 8
+    be = data.astype(f">u{data.dtype.itemsize}")
+    passes = ([(0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1)]
+              if interlace else [(0, 0, 1, 1)])
+    scan = b""
+    for y0, x0, dy, dx in passes:       # (first row, first column, row step, column step)
+        sub = be[y0::dy, x0::dx]
+        if sub.size:
+            for row in sub:
+                scan += b"\0" + row.tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, ctype, 0, 0, int(interlace))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + extra + chunk(b"IDAT", zlib.compress(scan))
+            + chunk(b"IEND", b""))
+
+
+def test_png_colour_key_adds_no_channel_and_one_bit_masks_read_as_0_1(tmp_path):
+    data = _random((9, 7, 3), np.uint8)
+    Image.fromarray(data).save(tmp_path / "key.png", transparency=tuple(int(v) for v in data[0, 0]))
+    np.testing.assert_array_equal(images.read_image(tmp_path / "key.png")[0], data)
+    mask = rng.random((9, 7)) > 0.5
+    Image.fromarray(mask).convert("1").save(tmp_path / "bits.png")
+    back = images.read_image(tmp_path / "bits.png")
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back[0, :, :, 0], mask.astype(np.uint8))
+
+
+def test_palette_png_with_transparency_and_repeated_colours_keeps_indices(tmp_path):
+    idx = rng.integers(0, 4, (12, 10), dtype=np.uint8)
+    img = Image.fromarray(idx, mode="P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)   # entries 4..255 repeat black
+    img.save(tmp_path / "p.png", transparency=bytes([0, 128, 255]))
+    np.testing.assert_array_equal(images.read_image(tmp_path / "p.png")[0, :, :, 0], idx)
+
+
+def test_damaged_png_is_refused_in_one_line(tmp_path):
+    raw = _png(_random((30, 30, 3), np.uint16))
+    (tmp_path / "cut.png").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ImageReadError, match="damaged or truncated PNG") as info:
+        images.read_image(tmp_path / "cut.png")
+    assert "\n" not in info.value.one_line()
 
 
 def test_compressed_multipage_tiff_with_channels(tmp_path):

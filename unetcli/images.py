@@ -5,19 +5,20 @@ W columns, C channels (1 for grey). Writers take an explicit layout and write at
 to a temporary file in the target folder, which is renamed over the target only once complete, so an
 interrupted or failed command never leaves a truncated output. ``-`` as a path means stdin or stdout.
 
-TIFF goes through tifffile; PNG, JPEG and BMP through Pillow (which imageio brings), except 16-bit colour
-PNG, which Pillow cannot hold: a small numpy codec below reads and writes those exactly.
+TIFF goes through tifffile; PNG through imagecodecs (libpng: 1- to 16-bit grey, grey+alpha, palette,
+RGB and RGBA, interlaced or not, read and written exactly); JPEG and BMP through imageio's Pillow
+plugin. Palette images give their indices, not colours (label images are often stored so).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import struct
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -120,7 +121,7 @@ def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
         if fmt == TIFF:
             arr = _read_tiff(source, name, size, memory_budget)
         else:
-            arr = _read_pillow(source, name, fmt, memory_budget)
+            arr = (_read_png if fmt == PNG else _read_imageio)(source, name, fmt, memory_budget)
     except (ImageReadError, TooLargeError, ImageShapeError):
         raise
     except MemoryError as exc:
@@ -188,129 +189,118 @@ def _png_header(head: bytes) -> tuple[int, int, int, int, int] | None:
     return w, h, depth, ctype, interlace
 
 
-def _read_pillow(source, name: str, fmt: str, budget: int | None) -> np.ndarray:
-    from PIL import Image
+def _png_chunks(raw: bytes, kinds: tuple[bytes, ...]) -> dict[bytes, bytes]:
+    """The bodies of the ancillary chunks ``kinds`` that come before a PNG's image data."""
+    found, pos = {}, 8
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind in kinds:
+            found[kind] = raw[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    return found
 
-    Image.MAX_IMAGE_PIXELS = None  # our own memory check below replaces Pillow's bomb guard
-    if fmt == PNG:
-        if isinstance(source, io.BytesIO):
-            head = source.getvalue()[:33]
-        else:
-            with open(source, "rb") as fh:
-                head = fh.read(33)
-        hdr = _png_header(head)
-        if hdr is None:
-            raise ImageReadError(f"{name}: damaged PNG file (no IHDR header)")
-        w, h, depth, ctype, interlace = hdr
-        channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(ctype, 1)
-        _check_fits(name, (h, w, channels), 2 if depth == 16 else 1, budget)
-        if depth == 16 and ctype in (2, 4, 6) and interlace == 0:
-            raw = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
-            return decode_png(raw, name)[None]
-    with Image.open(source) as img:
-        _check_fits(name, (img.size[1], img.size[0], len(img.getbands())), 1, budget)
-        img.load()
-        mode = img.mode
-        if mode == "1":
-            arr = np.asarray(img, dtype=np.uint8)
-        elif mode in ("I;16", "I;16B", "I;16L"):
-            arr = np.asarray(img).astype(np.uint16)
-        elif mode == "I":
-            arr = np.asarray(img)
-            if arr.min() >= 0 and arr.max() <= 0xFFFF:
-                arr = arr.astype(np.uint16)
-        elif mode in ("P", "PA"):
-            arr = np.asarray(img.convert("L") if mode == "PA" else img)  # palette: keep the indices
-        elif mode in ("L", "LA", "RGB", "RGBA", "F"):
-            arr = np.asarray(img)
-        else:
-            arr = np.asarray(img.convert("RGB"))
+
+def _pack(pixels: np.ndarray) -> np.ndarray:
+    """(..., C) uint8 colours, C in 3, 4, as one uint32 per colour."""
+    key = np.zeros(pixels.shape[:-1], np.uint32)
+    for c in range(pixels.shape[-1]):
+        key = (key << 8) | pixels[..., c]
+    return key
+
+
+def _palette_indices(raw: bytes, colours: np.ndarray, name: str) -> np.ndarray:
+    """The palette indices of a palette PNG that libpng decoded to RGB(A) colours: (H, W, 1) uint8.
+
+    Where two palette entries have the same colour (and alpha), the pixel gets the lower index.
+    """
+    chunks = _png_chunks(raw, (b"PLTE", b"tRNS"))
+    plte = chunks.get(b"PLTE", b"")
+    palette = np.frombuffer(plte, np.uint8)[: len(plte) // 3 * 3].reshape(-1, 3)
+    if colours.shape[-1] == 4:      # tRNS: one alpha per palette entry, 255 for entries beyond it
+        alpha = np.full((len(palette), 1), 255, np.uint8)
+        trns = np.frombuffer(chunks.get(b"tRNS", b""), np.uint8)[: len(palette)]
+        alpha[: len(trns), 0] = trns
+        palette = np.concatenate([palette, alpha], axis=1)
+    keys, first = np.unique(_pack(palette), return_index=True)
+    pixels = _pack(colours[..., : palette.shape[1]])
+    pos = np.minimum(np.searchsorted(keys, pixels), max(len(keys) - 1, 0))
+    if not len(keys) or not np.array_equal(keys[pos], pixels):
+        raise ImageReadError(f"{name}: damaged PNG file (pixels outside its palette)")
+    return first[pos].astype(np.uint8)[..., None]
+
+
+class _InterlaceNote(logging.Filter):
+    """Drops libpng's note that interlaced files need interlace handling: imagecodecs decodes them
+    correctly all the same (the tests check it), and a core module must not print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Interlace handling" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_libpng(interlaced: bool) -> Iterator[None]:
+    if not interlaced:
+        yield
+        return
+    logger, note = logging.getLogger("imagecodecs"), _InterlaceNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
+def _read_png(source, name: str, fmt: str, budget: int | None) -> np.ndarray:
+    import imagecodecs
+
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:33]
+    else:
+        with open(source, "rb") as fh:
+            head = fh.read(33)
+    hdr = _png_header(head)
+    if hdr is None:
+        raise ImageReadError(f"{name}: damaged PNG file (no IHDR header)")
+    w, h, depth, ctype, interlace = hdr
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(ctype, 4)
+    decoded = 4 if ctype == 3 else channels      # a palette decodes to RGB(A) before its indices
+    _check_fits(name, (h, w, decoded), 2 if depth == 16 else 1, budget)
+    raw = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
+    with _quiet_libpng(interlace):
+        arr = imagecodecs.png_decode(raw)
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    if ctype == 3:
+        arr = _palette_indices(raw, arr, name)
+    elif arr.shape[2] > channels:               # libpng turns a tRNS colour key into an alpha channel
+        arr = arr[:, :, :channels]
+    if depth == 1 and ctype == 0:               # 1-bit masks read as 0/1, as they are stored
+        arr = (arr > 0).astype(np.uint8)
     return np.ascontiguousarray(arr)[None]
 
 
-# ------------------------------------------------------------------------- PNG codec (16-bit colour)
-
-def decode_png(raw: bytes, name: str) -> np.ndarray:
-    """Decode a non-interlaced grey, grey+alpha, RGB or RGBA PNG of 8 or 16 bits to (H, W, C), exactly.
-
-    Pillow cannot hold 16-bit colour, so those files come here; the tests check this codec against
-    Pillow on 8-bit files, which exercise the same five row filters.
-    """
-    pos, idat, hdr = 8, [], None
-    while pos + 8 <= len(raw):
-        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
-        body = raw[pos + 8:pos + 8 + length]
-        if len(body) < length:
-            raise ImageReadError(f"{name}: truncated PNG file")
-        if kind == b"IHDR":
-            hdr = struct.unpack(">IIBBBBB", body[:13])
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if hdr is None or not idat:
-        raise ImageReadError(f"{name}: truncated PNG file (no image data)")
-    w, h, depth, ctype = hdr[:4]
-    if depth not in (8, 16) or ctype not in (0, 2, 4, 6) or hdr[6] != 0:
-        raise ImageReadError(f"{name}: unsupported PNG variant (depth {depth}, colour type {ctype})")
-    c = {0: 1, 2: 3, 4: 2, 6: 4}[ctype]
-    bpp = c * depth // 8
-    stride = bpp * w
-    try:
-        data = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise ImageReadError(f"{name}: damaged PNG image data ({exc})") from exc
-    if len(data) < h * (stride + 1):
-        raise ImageReadError(f"{name}: truncated PNG file (image data ends early)")
-    rows = np.frombuffer(data, np.uint8, h * (stride + 1)).reshape(h, stride + 1)
-    out = np.zeros((h, stride), np.uint8)
-    prev = np.zeros(stride, np.int64)
-    for y in range(h):
-        ftype, line = rows[y, 0], rows[y, 1:].astype(np.int64)
-        if ftype == 0:
-            cur = line
-        elif ftype == 1:    # Sub: a running sum along the row, per byte of a pixel
-            cur = np.cumsum(line.reshape(w, bpp), axis=0).reshape(-1) & 0xFF
-        elif ftype == 2:    # Up
-            cur = (line + prev) & 0xFF
-        elif ftype in (3, 4):  # Average, Paeth: each byte needs its decoded left neighbour
-            cur = line.copy()
-            for x in range(stride):
-                a = cur[x - bpp] if x >= bpp else 0
-                b = prev[x]
-                if ftype == 3:
-                    pred = (a + b) >> 1
-                else:
-                    cc = prev[x - bpp] if x >= bpp else 0
-                    p = a + b - cc
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - cc)
-                    pred = a if (pa <= pb and pa <= pc) else (b if pb <= pc else cc)
-                cur[x] = (cur[x] + pred) & 0xFF
-        else:
-            raise ImageReadError(f"{name}: damaged PNG file (filter type {ftype})")
-        out[y] = cur
-        prev = cur
-    if depth == 8:
-        return out.reshape(h, w, c)
-    return out.view(">u2").reshape(h, w, c).astype(np.uint16)
+_KEEP_MODES = ("1", "L", "LA", "RGB", "RGBA", "I;16", "I;16L", "I;16B")
 
 
-def _encode_png16(arr: np.ndarray) -> bytes:
-    """Encode (H, W, C) uint16 with C in 2, 3, 4 as a PNG (filter none, zlib level 6)."""
-    h, w, c = arr.shape
-    ctype = {2: 4, 3: 2, 4: 6}[c]
-    body = arr.astype(">u2").reshape(h, w * c).view(np.uint8)
-    scan = np.concatenate([np.zeros((h, 1), np.uint8), body], axis=1).tobytes()
+def _read_imageio(source, name: str, fmt: str, budget: int | None) -> np.ndarray:
+    """JPEG and BMP through imageio's Pillow plugin; palettes give indices, odd modes become RGB."""
+    import imageio.v3 as iio
+    from PIL import Image
 
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, ctype, 0, 0, 0)
-    return _PNG_MAGIC + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(scan, 6)) + chunk(b"IEND", b"")
+    Image.MAX_IMAGE_PIXELS = None  # our own memory check below replaces Pillow's bomb guard
+    data = source.getvalue() if isinstance(source, io.BytesIO) else source
+    with iio.imopen(data, "r", plugin="pillow", extension=".jpg" if fmt == JPEG else f".{fmt}") as f:
+        mode = f.metadata(index=0, exclude_applied=False).get("mode")
+        props = f.properties(index=0)
+        _check_fits(name, tuple(props.shape), props.dtype.itemsize, budget)
+        arr = f.read(index=0, mode="P" if mode == "P" else (None if mode in _KEEP_MODES else "RGB"))
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr)[None]
 
 
 # ----------------------------------------------------------------------------------------------- write
@@ -390,16 +380,9 @@ def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name:
         channels = data.shape[2] if layout == "YXC" else 1
         if channels not in (1, 2, 3, 4):
             raise ImageWriteError(f"{name}: PNG holds 1 to 4 channels, not {channels}")
-        if data.dtype == np.uint16 and channels > 1:
-            buf.write(_encode_png16(data))
-        else:
-            from PIL import Image
+        import imagecodecs
 
-            if data.dtype == np.uint16:
-                img = Image.frombytes("I;16", (data.shape[1], data.shape[0]), data.astype("<u2").tobytes())
-            else:
-                img = Image.fromarray(np.ascontiguousarray(data), mode={1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels])
-            img.save(buf, format="PNG", compress_level=6)
+        buf.write(imagecodecs.png_encode(np.ascontiguousarray(data), level=6))
     else:
         raise ImageWriteError(f"{name}: cannot write {fmt.upper()}; write .tif or .png")
     return buf.getvalue()
