@@ -64,6 +64,48 @@ def cutoff_distance(w0: float, sigma: float, tolerance: float = TOLERANCE) -> fl
     return sigma * math.sqrt(2.0 * math.log(w0 / tolerance))
 
 
+# The peak memory of weight_map beyond its inputs, measured with ru_maxrss on 2048x2048 maps (numpy
+# 1.26/2.x, scipy 1.1x): about 30 bytes per image pixel (d1 and d2 in float64, the class weights
+# gathered in float64, the float32 result, the target and instance maps) plus about 40 per pixel of
+# the largest object window (its Euclidean distance transform: the mask, scipy's int32 feature
+# transform of two planes on the way, the float64 distances). Rounded up here.
+PEAK_BYTES_PER_PIXEL = 32
+PEAK_BYTES_PER_WINDOW_PIXEL = 42
+
+
+def peak_bytes(height: int, width: int, window_pixels: float = 0) -> float:
+    """Memory :func:`weight_map` needs for one ``height`` x ``width`` map whose largest object window
+    (see :func:`largest_window`) has ``window_pixels`` pixels; pass ``height * width`` when unknown."""
+    return PEAK_BYTES_PER_PIXEL * float(height) * float(width) + PEAK_BYTES_PER_WINDOW_PIXEL * float(window_pixels)
+
+
+def largest_window(instances: np.ndarray, w0: float = DEFAULT_W0, sigma: float = DEFAULT_SIGMA,
+                   tolerance: float = TOLERANCE) -> int:
+    """Pixels of the largest window :func:`two_nearest` computes a distance transform in: an object's
+    bounding box grown by the cut-off distance, clipped to the image. 0 without objects."""
+    from scipy import ndimage
+
+    inst = np.asarray(instances)
+    if inst.ndim != 2 or inst.size == 0 or not inst.any():
+        return 0
+    radius = cutoff_distance(w0, sigma, tolerance)
+    if radius <= 0:
+        return 0
+    if inst.dtype.kind not in "ui" or int(inst.max()) > 4 * inst.size:
+        from unetcli.labels import relabel
+
+        inst = relabel(inst)
+    h, w = inst.shape
+    margin = min(int(math.ceil(radius)), h + w)
+    largest = 0
+    for box in ndimage.find_objects(inst):
+        if box is not None:
+            rows = min(box[0].stop + margin, h) - max(box[0].start - margin, 0)
+            cols = min(box[1].stop + margin, w) - max(box[1].start - margin, 0)
+            largest = max(largest, rows * cols)
+    return largest
+
+
 def two_nearest(instances: np.ndarray, max_distance: float,
                 progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel, the distances d1 <= d2 to the nearest and second-nearest object of ``instances``.
@@ -87,7 +129,7 @@ def two_nearest(instances: np.ndarray, max_distance: float,
         from unetcli.labels import relabel
 
         inst = relabel(inst)
-    margin = int(math.ceil(max_distance))
+    margin = min(int(math.ceil(max_distance)), h + w)   # a wider margin adds nothing
     boxes = ndimage.find_objects(inst)
     total = len(boxes)
     for k, box in enumerate(boxes, start=1):
@@ -120,11 +162,13 @@ def border_term(instances: np.ndarray, *, w0: float = DEFAULT_W0, sigma: float =
     d1, d2 = two_nearest(inst, radius, progress)
     term = np.add(d1, d2, out=d1)  # in place, as below: memory stays at two float64 images
     del d2
-    np.square(term, out=term)
-    np.negative(term, out=term)
-    np.divide(term, 2.0 * sigma ** 2, out=term)
-    np.exp(term, out=term)  # exp(-inf) = 0 where fewer than two objects are near
-    np.multiply(term, w0, out=term)
+    # inf - inf and 0 / 0 cannot occur on background pixels; a tiny sigma gives -inf, so exp gives 0
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        np.square(term, out=term)
+        np.negative(term, out=term)
+        np.divide(term, 2.0 * sigma * sigma, out=term)
+        np.exp(term, out=term)  # exp(-inf) = 0 where fewer than two objects are near
+        np.multiply(term, w0, out=term)
     term[inst != 0] = 0.0
     return term
 

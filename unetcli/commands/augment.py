@@ -140,8 +140,11 @@ def command(
         raise ConfigError("'-' (stdin) can stand for one input only")
     check_outputs(sources, [preview])
     stdin = read_stdin_once() if "-" in sources else None
-    for src in sources:
-        declared_shape(stdin if src == "-" else src, "<stdin>" if src == "-" else None)
+    shapes = [declared_shape(stdin if src == "-" else src, "<stdin>" if src == "-" else None) for src in sources]
+    what = f"augmenting with a {cfg.grid}x{cfg.grid} grid, --sigma {cfg.sigma:g}"
+    if shapes[0] is not None:   # the least it can take (one grey channel), before decoding anything
+        check_memory(_peak_bytes(cfg, shapes[0][1], shapes[0][2], 1, 0, False),
+                     f"{what} on {shapes[0][1]}x{shapes[0][2]} pixels", "<stdin>" if image == "-" else image)
 
     def load(src):
         return read_image(src, stdin_bytes=stdin if src == "-" else None)
@@ -183,7 +186,7 @@ def command(
         check_outputs(sources, [*planned, preview])
     check_memory(_peak_bytes(cfg, h, w, img.shape[3], lab.dtype.itemsize if lab is not None else 0,
                              wts is not None),
-                 f"augmenting {h}x{w} pixels with a {cfg.grid}x{cfg.grid} grid, --sigma {cfg.sigma:g}",
+                 f"{what} on {h}x{w} pixels",
                  "<stdin>" if image == "-" else image)
     if folder is not None:
         try:

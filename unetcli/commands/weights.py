@@ -76,9 +76,10 @@ def command(
 
     from unetcli import console
     from unetcli.errors import ConfigError, LabelError
+    from unetcli.guards import check_finite, check_memory, check_outputs, declared_shape, read_stdin_once
     from unetcli.images import TIFF, format_from_name, is_image_path, read_image, write_image
     from unetcli.labels import label_planes, num_classes, parse_values, training_target
-    from unetcli.weightmap import class_counts, class_weights_for, weight_map
+    from unetcli.weightmap import class_counts, class_weights_for, largest_window, peak_bytes, weight_map
     from unetcli.weightmap import preview as preview_picture
 
     fg = parse_values(foreground, option="--foreground")
@@ -86,10 +87,10 @@ def command(
     if fg is not None and cls is not None:
         raise ConfigError("--foreground and --classes exclude each other",
                           hint="--foreground makes a two-class target, --classes a multi-class one")
-    if not sigma > 0:
+    if not 0 < sigma < float("inf"):
         raise ConfigError(f"--sigma {sigma:g}: must be a positive number of pixels")
-    if not w0 >= 0:
-        raise ConfigError(f"--w0 {w0:g}: must be >= 0")
+    if not 0 <= w0 < float("inf"):
+        raise ConfigError(f"--w0 {w0:g}: must be a number >= 0")
     if image is not None and preview is None:
         raise ConfigError("--image only serves --preview", hint="add --preview check.png")
     if preview is not None and format_from_name(preview) != "png":
@@ -148,11 +149,31 @@ def command(
         raise ConfigError(f"{mask_plan}: unknown output format", hint="use a .png or .tif name")
     if str(out_plan) == "-" and mask_plan is not None and str(mask_plan) == "-":
         raise ConfigError("-o and --mask-out cannot both be stdout")
-    sources = {Path(i).resolve() for i in inputs if i != "-"}
-    for paths in (out_plan, mask_plan, preview):
-        for p in (paths if isinstance(paths, list) else [paths]):
-            if p is not None and str(p) != "-" and Path(p).resolve() in sources:
-                raise ConfigError(f"{p}: output would overwrite an input", hint="write somewhere else")
+
+    # ---- headers: page counts for the final output names, stacks whose pages differ refused, and the
+    # memory the maps will need at the least, all before any pixel is decoded
+    stdin = read_stdin_once() if "-" in inputs else None
+    declared = [declared_shape(stdin if path == "-" else path, "<stdin>" if path == "-" else None)
+                for path in inputs]
+
+    def final_paths(page_counts: list[int]) -> tuple[list[Path] | Path, list[Path] | Path | None]:
+        """Every path this run writes: weight maps, and targets with the extension they will get."""
+        if not isinstance(mask_plan, list):
+            return out_plan, mask_plan
+        return out_plan, [m.with_name(m.name + (".tif" if n > 1 else ".png"))
+                          for m, n in zip(mask_plan, page_counts)]
+
+    def check_paths(page_counts: list[int]) -> None:
+        outs, masks = final_paths(page_counts)
+        written = [*(outs if isinstance(outs, list) else [outs]),
+                   *(masks if isinstance(masks, list) else [masks]), preview]
+        check_outputs([*labels, *inputs, image], written)
+
+    check_paths([d[0] if d is not None else 1 for d in declared])
+    for path, d in zip(inputs, declared):
+        if d is not None:
+            check_memory(_least_bytes(*d), f"weight maps of {d[0]} x {d[1]}x{d[2]} pixels",
+                         "<stdin>" if path == "-" else path)
 
     # ---- pass 1: read and check every input, count classes; nothing is written before all pass
     stdin_cache: dict[str, np.ndarray] = {}
@@ -163,7 +184,7 @@ def command(
         path = inputs[i]
         if path == "-":
             if "-" not in stdin_cache:
-                stdin_cache["-"] = read_image("-")
+                stdin_cache["-"] = read_image("-", stdin_bytes=stdin)
             return stdin_cache["-"]
         return read_image(path)
 
@@ -181,6 +202,13 @@ def command(
         for i in range(len(inputs)):
             planes = targets_of(i)
             pages.append(len(planes))
+            # now the objects are known: the memory of the largest distance transform, exactly
+            h, w = planes[0][0].shape
+            window = max((largest_window(inst, w0, sigma) for _, inst in planes if inst is not None),
+                         default=0)
+            need = _least_bytes(len(planes), h, w) + peak_bytes(0, 0, window)
+            check_memory(need, f"weight maps of {len(planes)} x {h}x{w} pixels (an object's distance "
+                         f"transform over {window:,} of them)", "<stdin>" if inputs[i] == "-" else inputs[i])
             if first_shape is None:
                 first_shape = planes[0][0].shape
             counts += class_counts((t for t, _ in planes), k)
@@ -201,6 +229,8 @@ def command(
                              f"--image {image} is {raw.shape[0]}x{raw.shape[1]}",
                              hint="give the raw image these labels belong to")
         picture_base = raw
+    check_paths(pages)   # again, with the page counts read (a header may have said nothing)
+    out_plan, mask_plan = final_paths(pages)
     if isinstance(out_plan, list):
         out_plan[0].parent.mkdir(parents=True, exist_ok=True)
     if isinstance(mask_plan, list):
@@ -215,20 +245,20 @@ def command(
             maps, masks = [], []
             for target, instances in planes:
                 cw = class_weights_for(balance.value, target, k, counts)
-                maps.append(weight_map(target, instances, w0=w0, sigma=sigma, class_weights=cw))
+                with np.errstate(over="ignore", invalid="ignore"):   # checked below instead
+                    maps.append(weight_map(target, instances, w0=w0, sigma=sigma, class_weights=cw))
                 masks.append(target * 255 if cls is None else target)
             stack = np.stack(maps)
+            dest = out_plan[i] if isinstance(out_plan, list) else out_plan
+            check_finite(stack, "<stdout>" if str(dest) == "-" else str(dest),
+                         hint=f"weights above float32's largest value (3.4e38): lower --w0 {w0:g}")
             objects = sum(int(inst.max()) for _, inst in planes if inst is not None and inst.size)
             console.detail(f"{inputs[i]}: {len(planes)} page(s), {objects} object(s), weights "
                            f"{float(stack.min()):.4g} to {float(stack.max()):.4g}")
-            dest = out_plan[i] if isinstance(out_plan, list) else out_plan
             layout = "ZYX" if len(maps) > 1 else "YX"
             write_image(dest, stack if len(maps) > 1 else stack[0], layout, fmt=TIFF if str(dest) == "-" else None)
             if mask_plan is not None:
-                if isinstance(mask_plan, list):
-                    mdest = mask_plan[i].with_suffix(".tif" if len(masks) > 1 else ".png")
-                else:
-                    mdest = mask_plan
+                mdest = mask_plan[i] if isinstance(mask_plan, list) else mask_plan
                 mstack = np.stack(masks)
                 write_image(mdest, mstack if len(masks) > 1 else mstack[0], layout,
                             fmt=("png" if len(masks) == 1 else TIFF) if str(mdest) == "-" else None)
@@ -243,3 +273,16 @@ def command(
             advance()
     if str(out_plan) != "-":
         console.info(f"wrote {written} weight map{'s' if written != 1 else ''}")
+
+
+def _least_bytes(pages: int, height: int, width: int) -> float:
+    """The memory `unet weights` needs for one input at the least, before its objects are known.
+
+    Per page kept for the whole input: the label as decoded (1 byte at the least), its target and
+    instance map (5), its float32 map and the stack of them (8), its 0/255 target and that stack (2),
+    and the compressed TIFF (at most 4); plus one map's computation (weightmap.peak_bytes without the
+    object windows, which :func:`weightmap.largest_window` adds once the objects are known).
+    """
+    from unetcli.weightmap import peak_bytes
+
+    return 20.0 * pages * height * width + peak_bytes(height, width)
