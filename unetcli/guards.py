@@ -43,7 +43,8 @@ def _is_stream(path) -> bool:
 
 
 def _resolved(path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve(strict=False)
+    # realpath resolves each symlink before the '..' that follows it, as the kernel does
+    return Path(os.path.realpath(str(path)))
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
