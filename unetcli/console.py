@@ -26,6 +26,8 @@ def console() -> Console:
     global _console
     if _console is None:
         _console = Console(stderr=True, highlight=False, no_color="NO_COLOR" in os.environ or None)
+        if not _console.is_terminal:         # a log file or a pipe: one line per message, never wrapped
+            _console.soft_wrap = True
     return _console
 
 

@@ -41,6 +41,7 @@ class Sample:
     label: np.ndarray                 # (H, W) the label image as read (for metrics on the truth)
     weights: np.ndarray | None = None  # (H, W) float32 loss weights, or None for uniform
     scale: float = 1.0                # raw pixel value = image * scale
+    dtype: str = ""                   # the pixel type of the file it was read from
 
 
 # ------------------------------------------------------------------------------------------ pairing
@@ -174,7 +175,8 @@ def load_pairs(pairs, *, foreground=None, classes=None, border_width=None,
             else:
                 image = img[page].astype(np.float32) / np.float32(scale)
             out.append(Sample(name=name, image=image, target=np.ascontiguousarray(target, np.uint8),
-                              instances=instances, label=label, weights=w, scale=scale))
+                              instances=instances, label=label, weights=w, scale=scale,
+                              dtype=img.dtype.name))
     return out
 
 

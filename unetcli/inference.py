@@ -793,6 +793,7 @@ class Predictor:
         self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(c)
         self.std = None if std is None else np.asarray(std, np.float32).reshape(c)
         self.normalization = normalization     # a per-image rule (normalize): mean/std set per image
+        self.trained_dtype: str | None = None  # dataset rule: the pixel type its statistics are in
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be at least 1, not {threads}")
         self.threads = None if threads is None else int(threads)
@@ -868,7 +869,12 @@ class Predictor:
         stack's statistics, from at most 512 rows spread over its pages for a source read on demand."""
         from unetcli import normalize
 
-        if self.normalization is None or normalize.kind(self.normalization) == "dataset":
+        if self.normalization is None:
+            return
+        if normalize.kind(self.normalization) == "dataset":
+            if self.trained_dtype and src.dtype != np.dtype(self.trained_dtype):
+                sample = src.array if isinstance(src, ArraySource) else np.zeros((1, 1, 1, src.shape[-1]), src.dtype)
+                self.mean, self.std = normalize.image_stats(self.normalization, sample, self.trained_dtype)
             return
         if isinstance(src, ArraySource):
             sample = src.array
@@ -1172,7 +1178,10 @@ def load_predictor(model, *, device: str | torch.device = "auto", **options) -> 
     norm = model.normalization or {}
     if normalize.kind(norm) != "dataset":
         return Predictor(net, model.config, device=dev, normalization=norm, **options)
-    return Predictor(net, model.config, device=dev, mean=norm.get("mean"), std=norm.get("std"), **options)
+    pred = Predictor(net, model.config, device=dev, mean=norm.get("mean"), std=norm.get("std"),
+                     normalization=norm, **options)
+    pred.trained_dtype = (model.inputs or {}).get("dtype")
+    return pred
 
 
 def predict_image(model, image: np.ndarray, *, device: str | torch.device = "auto", **options) -> np.ndarray:

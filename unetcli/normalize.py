@@ -97,15 +97,45 @@ def _sample(image: np.ndarray) -> np.ndarray:
     return np.asarray(flat[::step], np.float64)
 
 
-def image_stats(norm: dict, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def value_range(dtype: np.dtype | str, image: np.ndarray | None = None) -> float:
+    """The full value range of a pixel type: the maximum of an integer type; 1 for floats (images in
+    0-1), or for a float ``image`` whose values exceed 1, its own maximum rounded up to 255 or 65535."""
+    dt = np.dtype(dtype)
+    if dt.kind in "ui":
+        return float(np.iinfo(dt).max)
+    if dt == np.bool_:
+        return 1.0
+    if image is not None and image.size:
+        top = float(np.nanmax(_sample(image)))
+        if top > 1.0:
+            return 255.0 if top <= 255.0 else (65535.0 if top <= 65535.0 else top)
+    return 1.0
+
+
+def dtype_factor(trained_dtype: str | None, image: np.ndarray) -> float:
+    """The factor taking ``image``'s values to the value range of the type a ``dataset``-normalised model
+    was trained on (uint16 x 257 -> uint8 values: 1/257); 1 when the model's type is unknown."""
+    if not trained_dtype:
+        return 1.0
+    try:
+        return value_range(trained_dtype) / value_range(image.dtype, image)
+    except TypeError:
+        return 1.0
+
+
+def image_stats(norm: dict, image: np.ndarray, trained_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel ``(offset, scale)`` that normalise ``image`` (raw values) under ``norm``.
 
-    A flat channel (spread below a millionth of its type's range) gets scale 1 around its value, so a
-    blank image stays blank instead of amplifying noise."""
+    ``dataset`` statistics are in the units of the type the model was trained on (``trained_dtype``):
+    another type is first scaled to that range (``dtype_factor``). A flat channel (spread below a
+    millionth of its type's range) gets scale 1 around its value, so a blank image stays blank instead
+    of amplifying noise."""
     k = kind(norm)
     c = image.shape[-1]
     if k == "dataset":
-        return np.asarray(norm["mean"], np.float32).reshape(c), np.asarray(norm["std"], np.float32).reshape(c)
+        f = dtype_factor(trained_dtype, image)
+        return (np.asarray(norm["mean"], np.float32).reshape(c) / np.float32(f),
+                np.asarray(norm["std"], np.float32).reshape(c) / np.float32(f))
     x = _sample(image)
     if x.size and not np.isfinite(x).all():
         raise ImageShapeError("image holds NaN or infinite pixels")
@@ -173,14 +203,15 @@ def adapt_channels(image: np.ndarray, wanted: int, channels: Sequence[int] | Non
 
 def range_warning(norm: dict, image: np.ndarray, trained_dtype: str | None, name: str = "image") -> str | None:
     """A one-line warning when the model's normalisation cannot absorb this input's value range:
-    only ``dataset`` normalisation depends on it (percentile and z-score are per image)."""
+    only ``dataset`` normalisation depends on it (percentile and z-score are per image); a 12-bit image
+    in a 16-bit file given to a model trained on 8-bit images is such a case."""
     if kind(norm) != "dataset" or image.size == 0:
         return None
-    offset, scale = image_stats(norm, image)
+    offset, scale = image_stats(norm, image, trained_dtype)
     x = _sample(image)
     z = (x.mean(0) - offset) / scale
     spread = x.std(0) / scale
-    if np.any(np.abs(z) > 5) or np.any(spread < 0.05) or np.any(spread > 20):
+    if np.any(np.abs(z) > 3) or np.any(spread < 0.2) or np.any(spread > 5):
         hint = f" (the model was trained on {trained_dtype} images)" if trained_dtype else ""
         return (f"{name}: its values ({image.dtype}, mean {float(x.mean()):.4g}) are far from what this "
                 f"model was trained on{hint}; results may be wrong")

@@ -999,7 +999,8 @@ def prepare(opts: dict, *, dist: Dist | None = None, cache_dir: Path | None = No
     else:
         class_names = ["background", "foreground"]
     data_note = {"images": str(o["images"]), "labels": str(o["labels"]),
-                 "inputs": {"channels": [i + 1 for i in picked] if picked else None},
+                 "inputs": {"channels": [i + 1 for i in picked] if picked else None,
+                            "dtype": train_samples[0].dtype or None},
                  "weights": str(weights_opt), "train": [s.name for s in train_samples],
                  "validation": [s.name for s in val_samples],
                  "fingerprint": datamod.fingerprint(train_samples)}

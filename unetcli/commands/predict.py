@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -226,6 +227,16 @@ def _write_mask_streaming(path: str, predictor, stack, reduce, held: int) -> Non
         raise ImageWriteError(f"{path}: cannot write ({exc.strerror})") from exc
 
 
+def _describe(path: Path, summary: str) -> dict:
+    """What ``--list-models --json`` says of one model file."""
+    from unetcli.checkpoint import load_model
+
+    mf = load_model(path)
+    return {"name": mf.name, "path": str(path), "summary": summary, "sha256": mf.sha256,
+            "classes": mf.class_names, "network": mf.config.to_dict(), "normalization": mf.normalization,
+            "inputs": mf.inputs, "postprocess": mf.postprocess}
+
+
 def command(
     inputs: Optional[List[str]] = typer.Argument(
         None, metavar="IMAGE...", show_default=False,
@@ -233,6 +244,8 @@ def command(
     output: Output = None,
     model: Model = None,
     list_models: bool = typer.Option(False, "--list-models", help="List the models found by name and exit."),
+    json_: bool = typer.Option(False, "--json", help="With --list-models: one JSON array of the models, "
+                               "each with its classes, normalisation, inputs and tuned post-processing."),
     output_type: str = typer.Option(
         "mask", "--output-type", metavar="probs|mask|labels",
         help="probs: float32 class probabilities, one page per class; mask: the class map (uint8); "
@@ -290,6 +303,10 @@ def command(
     if list_models:
         from unetcli.checkpoint import list_models as found
 
+        if json_:
+            sys.stdout.write(json.dumps([_describe(path, summary) for _name, path, summary in found()],
+                                        indent=1) + "\n")
+            return
         for name, _path, summary in found():
             typer.echo(f"{name}\t{summary}" if summary else name)
         return
@@ -380,6 +397,10 @@ def command(
             arr, note = normalize.adapt_channels(arr, mf.config.in_channels, picked, name)
             if note:
                 console.detail(note)
+        if isinstance(arr, np.ndarray) and arr.shape[-1] == mf.config.in_channels:
+            warning = normalize.range_warning(mf.normalization, arr, (mf.inputs or {}).get("dtype"), name)
+            if warning:
+                console.warn(warning)
         if arr.shape[-1] != mf.config.in_channels:
             if hasattr(arr, "close"):
                 arr.close()
