@@ -91,3 +91,49 @@ def test_code_carrying_model_file_is_refused_by_predict(tmp_path, unet):
     result = unet("predict", img, "-o", out, "--model", model)
     assert_one_line_error(result, "evil.unet", "pickle")
     assert not marker.exists() and not out.exists()
+
+
+def _model_cases(tmp_path) -> dict[str, tuple[object, str]]:
+    """A small valid model file and damaged, foreign, newer and hostile variants of it."""
+    import json
+
+    import safetensors.numpy
+    import torch
+
+    from unetcli import checkpoint
+    from unetcli.model import UNet, UNetConfig
+
+    cfg = UNetConfig(depth=2, base=4, padding="same")
+    good = tmp_path / "good.unet"
+    checkpoint.save_model(good, UNet(cfg).state_dict(), cfg)
+    raw = good.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+
+    def rewrite(name, **meta):
+        text = json.dumps(dict(header, __metadata__=dict(header["__metadata__"], **meta))).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(text)) + text + data)
+        return tmp_path / name
+
+    (tmp_path / "cut.unet").write_bytes(raw[:-1000])
+    safetensors.numpy.save_file({"w": np.zeros(3, np.float32)}, tmp_path / "other.unet")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "weights.pt")
+    (tmp_path / "huge.unet").write_bytes(struct.pack("<Q", 2**62) + raw[8:])
+    return {"truncated": (tmp_path / "cut.unet", "truncated model file"),
+            "foreign": (tmp_path / "other.unet", "without unet's records"),
+            "torch": (tmp_path / "weights.pt", "zip archive"),
+            "newer": (rewrite("new.unet", format_version="9"), "newer unet"),
+            "hostile": (tmp_path / "huge.unet", "damaged model file"),
+            "config": (rewrite("cfg.unet", config=json.dumps(dict(cfg.to_dict(), depth="deep"))), "config depth"),
+            "deep": (rewrite("deep.unet", provenance="[" * 5000 + "]" * 5000), "nested too deeply")}
+
+
+@pytest.mark.parametrize("case", ["truncated", "foreign", "torch", "newer", "hostile", "config", "deep"])
+def test_bad_model_files_give_one_line_errors(tmp_path, unet, case):
+    model, fragment = _model_cases(tmp_path)[case]
+    img = tmp_path / "in.png"
+    images.write_image(img, np.zeros((20, 20), np.uint8))
+    out = tmp_path / "mask.png"
+    result = unet("predict", img, "-o", out, "--model", model)
+    assert_one_line_error(result, model.name, fragment)
+    assert result.code == 1 and not out.exists()

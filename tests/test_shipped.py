@@ -37,6 +37,21 @@ def test_shipped_model_loads_by_name_and_has_a_card(name, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_models_are_safetensors_files_other_tools_read(name):
+    """`safetensors.torch.load_file` gives the float16 weights that unet loads as float32."""
+    import safetensors.torch
+    import torch
+
+    path = shipped_dir() / f"{name}.unet"
+    weights = safetensors.torch.load_file(path)
+    mf = load_model(path)
+    assert weights.keys() == mf.tensors.keys() and len(weights) > 20
+    for key, value in weights.items():
+        assert value.dtype == torch.float16
+        np.testing.assert_array_equal(value.float().numpy(), mf.tensors[key])
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_predicts_the_right_shape(name, tmp_path):
     from unetcli.inference import predict_image
 
