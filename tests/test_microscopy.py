@@ -226,3 +226,56 @@ def test_tuned_postprocessing_is_stored_used_and_overridden(tmp_path, unet):
     listed = unet("predict", "--list-models", "--json", env={"UNET_MODELS": str(tmp_path)})
     rows = {m["name"]: m for m in json.loads(listed.stdout)}
     assert rows["tuned"]["postprocess"] == strict
+
+
+# ---------------------------------------------------------------------------------- pixel size
+
+def _calibrated(path, data: np.ndarray, kind: str, size_um: float) -> None:
+    import tifffile
+
+    if kind == "imagej":
+        tifffile.imwrite(path, data, imagej=True, resolution=(1 / size_um, 1 / size_um),
+                         metadata={"unit": "micron"})
+    else:
+        tifffile.imwrite(path, data, ome=True, metadata={"axes": "YX", "PhysicalSizeX": size_um,
+                                                         "PhysicalSizeY": size_um,
+                                                         "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+@pytest.mark.parametrize("output_type", ["mask", "labels", "probs"])
+def test_pixel_size_survives_prediction(tmp_path, unet, kind, output_type):
+    from unetcli import tiffmeta
+
+    _model(tmp_path / "grey.unet", 1)
+    _calibrated(tmp_path / "in.tif", _picture(), kind, 0.65)
+    assert tiffmeta.pixel_size(tmp_path / "in.tif")["x"] == pytest.approx(0.65)
+    r = unet("predict", "in.tif", "-o", "out.tif", "-m", "grey.unet", "--output-type", output_type, cwd=tmp_path)
+    assert r.code == 0, r
+    size = tiffmeta.pixel_size(tmp_path / "out.tif")
+    assert size is not None and size["x"] == pytest.approx(0.65, rel=1e-6) and size["y"] == pytest.approx(0.65, rel=1e-6)
+
+
+def test_probabilities_are_an_imagej_hyperstack_of_slices_and_classes(tmp_path, unet):
+    import tifffile
+
+    _model(tmp_path / "grey.unet", 1)
+    stack = np.stack([_picture(seed=s) for s in range(3)])
+    write_image(tmp_path / "stack.tif", stack, "ZYX")
+    r = unet("predict", "stack.tif", "-o", "probs.tif", "-m", "grey.unet", "--output-type", "probs", cwd=tmp_path)
+    assert r.code == 0, r
+    with tifffile.TiffFile(tmp_path / "probs.tif") as tf:
+        assert tf.is_imagej
+        meta = tf.imagej_metadata
+        assert meta["slices"] == 3 and meta["channels"] == 2 and meta.get("hyperstack")
+        assert tf.series[0].axes == "ZCYX" and tf.series[0].shape == (3, 2, 96, 112)
+        probs = tf.series[0].asarray()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    back = read_image(tmp_path / "probs.tif")                # slices x (H, W, classes)
+    assert back.shape == (3, 96, 112, 2) and np.allclose(back[1, ..., 1], probs[1, 1])
+    # the hyperstack scores as probabilities against the truth, slice by slice
+    truth = (stack > 100).astype(np.uint8) * 255
+    write_image(tmp_path / "truth.tif", truth, "ZYX")
+    r = unet("evaluate", "probs.tif", "--truth", "truth.tif", "--metrics", "iou", "--json", cwd=tmp_path)
+    assert r.code == 0, r
+    assert len(json.loads(r.stdout)["images"]) == 3

@@ -354,8 +354,11 @@ def _normalise_layout(data: np.ndarray, layout: str | None) -> tuple[np.ndarray,
     return data, layout
 
 
-def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name: str = "output") -> bytes:
-    """The bytes of ``data`` as a ``fmt`` file. TIFF is zlib-compressed."""
+def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name: str = "output",
+                 pixel_size: dict | None = None, classes: int | None = None) -> bytes:
+    """The bytes of ``data`` as a ``fmt`` file. TIFF is zlib-compressed; with a ``pixel_size``
+    (``tiffmeta``) or ``classes`` (probabilities: pages x classes) it is an ImageJ TIFF carrying the
+    calibration and the hyperstack axes, where ImageJ can hold the pixel type."""
     data, layout = _normalise_layout(np.asarray(data), layout)
     if data.dtype == bool:
         data = data.astype(np.uint8)
@@ -365,7 +368,14 @@ def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name:
 
         if data.dtype.kind not in "uif" or data.dtype.itemsize > 8:
             raise ImageWriteError(f"{name}: cannot write {data.dtype} pixels to TIFF")
+        from unetcli import tiffmeta
+
         colour = layout.endswith("C") and data.shape[-1] in (3, 4) and data.dtype == np.uint8
+        imagej = tiffmeta.imagej_options(data, layout, pixel_size, classes)
+        if imagej:
+            shape = imagej.pop("shape", None)
+            tifffile.imwrite(buf, data.reshape(shape) if shape else data, compression="zlib", **imagej)
+            return buf.getvalue()
         tifffile.imwrite(buf, data, compression="zlib", photometric="rgb" if colour else "minisblack",
                          planarconfig="contig" if layout.endswith("C") else None,
                          extrasamples=("unassalpha",) if colour and data.shape[-1] == 4 else None,
@@ -389,7 +399,7 @@ def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name:
 
 
 def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = None, *,
-                fmt: str | None = None) -> None:
+                fmt: str | None = None, pixel_size: dict | None = None, classes: int | None = None) -> None:
     """Write ``data`` atomically to ``path`` (``-``: stdout, then ``fmt`` is needed).
 
     ``layout`` is 'YX', 'YXC', 'ZYX' or 'ZYXC' (the canonical layout of ``read_image``); 2-D and 4-D
@@ -403,7 +413,7 @@ def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = 
         raise ImageWriteError(f"{name}: unknown output format", hint="use a .tif, .tiff or .png name")
     if fmt not in WRITE_FORMATS:
         raise ImageWriteError(f"{name}: cannot write {fmt.upper()}; write .tif or .png")
-    payload = encode_image(data, fmt, layout, name=name)
+    payload = encode_image(data, fmt, layout, name=name, pixel_size=pixel_size, classes=classes)
     if str(path) == "-":
         sys.stdout.buffer.write(payload)
         sys.stdout.buffer.flush()

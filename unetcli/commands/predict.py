@@ -208,8 +208,9 @@ def _mask_strips(blocks, pages: int, height: int, width: int):
             filled = 0
 
 
-def _write_mask_streaming(path: str, predictor, stack, reduce, held: int) -> None:
-    """Predict and write a uint8 class map tile row by tile row; only one band is ever held."""
+def _write_mask_streaming(path: str, predictor, stack, reduce, held: int, pixel_size: dict | None = None) -> None:
+    """Predict and write a uint8 class map tile row by tile row; only one band is ever held. A
+    ``pixel_size`` is written as ImageJ calibration."""
     import numpy as np
     import tifffile
 
@@ -221,8 +222,13 @@ def _write_mask_streaming(path: str, predictor, stack, reduce, held: int) -> Non
     blocks = predictor.iter_blocks(stack, reduce, np.uint8, held)
     try:
         with atomic_output(path) as tmp:
+            from unetcli import tiffmeta
+
+            calib = tiffmeta.imagej_options(np.zeros((n, 1, 1) if n > 1 else (1, 1), np.uint8),
+                                            "ZYX" if n > 1 else "YX", pixel_size)
+            calib.setdefault("metadata", None)
             tifffile.imwrite(tmp, data=_mask_strips(blocks, n, h, w), shape=shape, dtype=np.uint8,
-                             compression="zlib", rowsperstrip=rows, photometric="minisblack", metadata=None)
+                             compression="zlib", rowsperstrip=rows, photometric="minisblack", **calib)
     except OSError as exc:
         raise ImageWriteError(f"{path}: cannot write ({exc.strerror})") from exc
 
@@ -456,6 +462,9 @@ def command(
         held = predictor.held_bytes(stack, per_pixel)
         plan = predictor.plan(h, w, held)
         name = "<stdin>" if inp == "-" else inp
+        from unetcli import tiffmeta
+
+        calibration = None if inp == "-" else tiffmeta.pixel_size(inp)
         start = time.perf_counter()
         data = None
         with console.progress(plan.count * n * (8 if tta else 1), f"{Path(name).name}") as advance:
@@ -469,7 +478,7 @@ def command(
             if streamed:
                 finish(written)
                 written = None
-                _write_mask_streaming(out, predictor, stack, reduce, held)
+                _write_mask_streaming(out, predictor, stack, reduce, held, calibration)
                 if provenance:
                     _write_provenance(out, record(inp, out, stack, digest, size, plan, start, "uint8"))
                 sys.stdout.write(f"{out}\n")
@@ -499,10 +508,13 @@ def command(
             finish(written)                            # one write in flight at a time
             written = None
             if out == "-":
-                write_image("-", data, layout, fmt=fmt or "tiff")
+                write_image("-", data, layout, fmt=fmt or "tiff", pixel_size=calibration,
+                            classes=mf.config.num_classes if output_type == "probs" else None)
             else:
                 rec = record(inp, out, stack, digest, size, plan, start, data.dtype.name) if provenance else None
-                written = (writer.submit(write_image, out, data, layout), out, rec)
+                written = (writer.submit(write_image, out, data, layout, pixel_size=calibration,
+                                         classes=mf.config.num_classes if output_type == "probs" else None),
+                           out, rec)
         pages = f", {n} pages" if n > 1 else ""
         console.info(f"{name} -> {'<stdout>' if out == '-' else out} ({h}x{w}{pages}, "
                      f"tile {plan.tile[0]}x{plan.tile[1]}, {plan.count * n} tiles, {secs:.1f} s)")
