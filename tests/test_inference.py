@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from unetcli.errors import ConfigError, ImageShapeError, TileSizeError
-from unetcli.inference import (Predictor, autocast_dtype, blend_window, choose_tile, gaussian_window,
+from unetcli.inference import (Predictor, blend_window, choose_tile, gaussian_window,
                                mirror_index, plan_tiles, predict_image, predict_proba, probs_to_mask,
-                               resolve_device, tile_flops, tile_memory)
+                               tile_flops, tile_memory)
 from unetcli.model import UNet, UNetConfig, conv_flops, margin, output_size, valid_input_sizes
 from unetcli import postprocess
 
@@ -341,20 +341,7 @@ def test_tile_memory_grows_with_the_tile_not_the_image():
     assert tile_memory(config, *a) <= 200 * 2**20 and tile_memory(config, *b) <= 200 * 2**20
 
 
-# ---------------------------------------------------------------------------------- devices & masks
-
-def test_devices_and_precisions():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    with pytest.raises(ConfigError):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA"):
-            resolve_device("cuda:0")
-    assert autocast_dtype(torch.device("cpu"), "fp32") is None
-    with pytest.raises(ConfigError):
-        autocast_dtype(torch.device("cpu"), "fp64")
-
+# ------------------------------------------------------------------------------------------- masks
 
 def test_probs_to_mask():
     p = np.array([[[0.7, 0.4]], [[0.3, 0.6]]], np.float32)

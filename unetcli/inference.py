@@ -43,110 +43,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unetcli.devices import (PRECISIONS, auto_threads, autocast_dtype, default_memory_budget, resolve_device,
+                             resolve_precision, threads_for_work)
 from unetcli.errors import ConfigError, ImageShapeError, TileSizeError
 from unetcli.model import UNet, UNetConfig, check_tile, conv_layers, margin, output_size
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 BLENDS = ("gaussian", "mean")
 DEFAULT_OVERLAP = 0.25
 MAX_AUTO_BATCH = 16
-SMALL_LAYER_FLOPS = 5e7  # below this many FLOPs per layer call, one CPU thread beats several
 # Measured peaks (ru_maxrss, glibc malloc, channels-last, several tiles) over the simulated live
 # tensors: 1.15x for the paper's network at 700x876, 1.8x for base 16 at 1052x1100 (its many
 # mid-sized tensors fragment the heap); 1.5 sits between, and the CPU default budget leaves room.
 _SAFETY = 1.5
 
 Progress = Callable[[int, int], None]
-
-
-# ------------------------------------------------------------------------------------------ devices
-
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch device.
-
-    Raises ConfigError for a device this machine does not have.
-    """
-    if isinstance(spec, torch.device):
-        return spec
-    text = (spec or "auto").strip().lower()
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps is not None and mps.is_available())
-    if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if has_mps else torch.device("cpu")
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"unknown device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r}: no CUDA GPU is available on this machine",
-                              hint="use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s), numbered from 0")
-    elif dev.type == "mps":
-        if not has_mps:
-            raise ConfigError(f"device {spec!r}: Apple MPS is not available on this machine",
-                              hint="use --device cpu (or auto)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"unsupported device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None for fp32).
-
-    Reduced precision is allowed only where the device computes it natively: bf16 on CUDA GPUs that
-    support it and on CPUs with native bf16 (oneDNN), fp16 on CUDA, on MPS, and on CPUs with native
-    fp16. Anything else raises ConfigError instead of silently running a slow emulation.
-    """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}", hint="use fp32, bf16 or fp16")
-    if precision == "fp32":
-        return None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    ok = False
-    if device.type == "cuda":
-        ok = precision == "fp16" or torch.cuda.is_bf16_supported()
-    elif device.type == "mps":
-        ok = precision == "fp16"
-    elif device.type == "cpu":
-        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported" if precision == "bf16"
-                        else "_is_mkldnn_fp16_supported", None)
-        try:
-            ok = bool(probe()) if probe is not None else False
-        except (RuntimeError, AttributeError):
-            ok = False
-    if not ok:
-        raise ConfigError(f"precision {precision} is not supported natively on {device}",
-                          hint="use --precision fp32 here; bf16/fp16 need a GPU or a CPU with native support")
-    return dtype
-
-
-def available_memory() -> int:
-    """Bytes of system memory still available."""
-    from unetcli.images import available_memory as avail
-
-    return avail()
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """The default memory budget in bytes (see :meth:`Predictor.plan` for what it covers).
-
-    CPU: a quarter of the available memory, at most 512 MiB. Larger tiles gain little more on a CPU
-    (for the paper's network on a 2048x2048 image, 4 GiB of tiles would save 15% of the operations),
-    and with this cap the whole command, torch included, stays under 1 GB even for a 16384x16384 image
-    (the estimate of :func:`tile_memory` leaves room for the allocator's fragmentation).
-    CUDA: half of the free device memory. MPS: a quarter of the available memory, at most 4 GiB.
-    """
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    if device.type == "mps":
-        return int(min(available_memory() / 4, 4 * 2**30))
-    return int(min(available_memory() / 4, 512 * 2**20))
 
 
 # ------------------------------------------------------------------------------------- size & memory
@@ -915,10 +825,8 @@ class Predictor:
         share (the threads' hand-overs would cost more than they save); else :func:`auto_threads`."""
         if self.device.type != "cpu":
             return None
-        if self.threads is not None:
-            return self.threads
         work = tile_flops(self.config, *plan.tile) * batch / len(conv_layers(self.config, plan.tile[0]))
-        return 1 if work < SMALL_LAYER_FLOPS else self._auto_threads
+        return threads_for_work(work, self.threads, self._auto_threads)
 
     def _infer(self, buf: np.ndarray, threads: int | None = None) -> torch.Tensor:
         """Softmax probabilities (B, K, oy, ox) float32 on the device for a batch (B, ty, tx, C)."""
@@ -1143,10 +1051,8 @@ def predict_proba(net: nn.Module, image: np.ndarray, *, config: UNetConfig, tile
     if image.ndim != 3:
         raise ImageShapeError(f"expected an (H, W, C) image, got shape {image.shape}")
     dev = resolve_device(device)
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     try:
-        autocast_dtype(dev, precision)
+        precision = resolve_precision(precision, dev)
     except ConfigError:
         if precision not in PRECISIONS:
             raise
@@ -1189,19 +1095,3 @@ def predict_image(model, image: np.ndarray, *, device: str | torch.device = "aut
     (N, K, H, W). The model's normalisation is applied tile by tile."""
     return load_predictor(model, device=device, **options).predict(image)
 
-
-def cpu_threads() -> int:
-    """CPU cores this process may run on (its affinity mask)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def auto_threads() -> int:
-    """Threads for large convolutions: ``OMP_NUM_THREADS`` if set, else one per core of this process's
-    affinity mask."""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return cpu_threads()
