@@ -13,7 +13,7 @@ One process measures, interleaved so that other load on the machine hits every c
    prediction would take with no other work at all.
 
 It prints the convolution FLOP rate of the prediction (FLOPs of every convolution executed, counted by
-``inference.tile_flops``, over wall time) against that peak, and output pixels per second of both loops.
+``model.conv_flops``, over wall time) against that peak, and output pixels per second of both loops.
 
     python benchmarks/bench_predict.py                 # about 6 minutes on a 2-core CPU
     python benchmarks/bench_predict.py --size 1024 --repeats 2 --loop-threads same
@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unetcli.inference import Predictor, tile_flops  # noqa: E402
-from unetcli.model import UNet, UNetConfig, conv_layers, margin, output_size  # noqa: E402
+from unetcli.inference import Predictor  # noqa: E402
+from unetcli.model import UNet, UNetConfig, conv_flops, conv_layers, margin, output_size  # noqa: E402
 
 
 def test_image(size: int) -> np.ndarray:
@@ -126,7 +126,7 @@ def main() -> None:
     pred.net.load_state_dict(net.state_dict())
     plan = pred.plan(args.size, args.size)
     threads = pred.threads_for(plan, 1)
-    flops = plan.count * tile_flops(config, *plan.tile)
+    flops = plan.count * conv_flops(config, *plan.tile)
     loop_threads = torch.get_num_threads() if args.loop_threads == "default" else threads
     default_threads = torch.get_num_threads()
     pixels = args.size * args.size
@@ -134,7 +134,7 @@ def main() -> None:
           f"torch {torch.__version__}", flush=True)
     print(f"# unet plan: tile {plan.tile[0]}x{plan.tile[1]}, {plan.count} tiles, {flops / 1e12:.2f} TFLOP, "
           f"{threads} thread(s); plain loop: 572x572, {math.ceil(args.size / 388) ** 2} tiles, "
-          f"{math.ceil(args.size / 388) ** 2 * tile_flops(config, 572, 572) / 1e12:.2f} TFLOP, "
+          f"{math.ceil(args.size / 388) ** 2 * conv_flops(config, 572, 572) / 1e12:.2f} TFLOP, "
           f"{loop_threads} thread(s)", flush=True)
 
     peak_before, where_before, layers_before = conv_peak(config, plan.tile, threads, args.conv_calls)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_predict import test_image  # noqa: E402
-from unetcli.inference import Predictor, tile_flops  # noqa: E402
-from unetcli.model import UNet, UNetConfig  # noqa: E402
+from unetcli.inference import Predictor  # noqa: E402
+from unetcli.model import UNet, UNetConfig, conv_flops  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     threads = pred.threads_for(plan, 1)
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None]))
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    flops = plan.count * tile_flops(config, args.tile, args.tile)
+    flops = plan.count * conv_flops(config, args.tile, args.tile)
 
     def ours():
         return pred.predict(image)

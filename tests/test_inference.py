@@ -1,4 +1,4 @@
-"""The overlap-tile engine: mirroring, tile-size invariance, any image size, TTA, blending, memory."""
+"""The overlap-tile engine: tile-size invariance, any image size, TTA, blending, streaming, stacks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from unetcli.errors import ConfigError, ImageShapeError, TileSizeError
-from unetcli.inference import (Predictor, blend_window, choose_tile, gaussian_window,
-                               mirror_index, plan_tiles, predict_image, predict_proba, probs_to_mask,
-                               tile_flops, tile_memory)
-from unetcli.model import UNet, UNetConfig, conv_flops, margin, output_size, valid_input_sizes
+from unetcli.inference import Predictor, predict_image, predict_proba, probs_to_mask
+from unetcli.model import UNet, UNetConfig, margin, output_size, valid_input_sizes
+from unetcli.tiling import blend_window, mirror_index
 from unetcli import postprocess
 
 @pytest.fixture(autouse=True)
@@ -53,20 +52,6 @@ def _one_tile_reference(net: UNet, config: UNetConfig, image: np.ndarray) -> np.
     x = torch.from_numpy(np.ascontiguousarray(big.transpose(2, 0, 1)[None]))
     with torch.no_grad():
         return torch.softmax(net(x), 1)[0, :, :h, :w].numpy()
-
-
-# ------------------------------------------------------------------------------------------ mirroring
-
-@pytest.mark.parametrize("length", [2, 3, 5, 8])
-def test_mirror_index_is_reflection_repeated(length):
-    pad = 3 * length + 2                       # far wider than the axis: mirror again and again
-    idx = mirror_index(np.arange(-pad, length + pad), length)
-    ref = np.pad(np.arange(length), pad, mode="reflect")
-    assert np.array_equal(idx, ref)
-
-
-def test_mirror_index_one_pixel():
-    assert np.array_equal(mirror_index(np.arange(-5, 6), 1), np.zeros(11))
 
 
 # ------------------------------------------------------------------------------ valid-padding tiling
@@ -226,13 +211,6 @@ def test_same_padding_tiles_overlap_and_blend(blend):
     assert np.allclose(got.sum(0), 1.0, atol=1e-5)
 
 
-def test_gaussian_window():
-    g = gaussian_window(64)
-    assert g.max() <= 1.0 and np.isclose(g[31], g[32]) and g[0] < 0.01
-    w = blend_window(plan_tiles(SAME, 100, 100, tile=64))
-    assert w.min() >= 1e-3 and np.isclose(w.max(), g.max() ** 2)
-
-
 def test_same_padding_small_image_is_mirrored_to_the_tile():
     net = _net(SAME)
     image = _image(5, 9)
@@ -272,7 +250,7 @@ def test_stack_equals_page_by_page():
 def test_tiff_rows_stream_the_same_prediction(tmp_path):
     import tifffile
 
-    from unetcli.inference import TiffRows
+    from unetcli.sources import TiffRows
 
     net = _net(VALID)
     stack = (np.random.default_rng(5).random((2, 83, 61)) * 255).astype(np.uint8)
@@ -302,43 +280,6 @@ def test_model_file_normalisation_and_rgb(tmp_path):
     normalised = ((raw - np.array(mean)) / np.array(std)).astype(np.float32)
     ref = predict_proba(net, normalised, config=config)
     assert got.shape == (3, 45, 61) and np.abs(got - ref).max() <= 1e-5
-
-
-# --------------------------------------------------------------------------- tile choice and memory
-
-def test_choose_tile_minimises_operations_within_the_budget():
-    config = UNetConfig(base=8, depth=3, dropout=0.0)
-    budget = 40 * 2**20
-    ty, tx = choose_tile(config, 700, 300, budget)
-    assert tile_memory(config, ty, tx) <= budget
-    plan = plan_tiles(config, 700, 300, tile=(ty, tx))
-    best = plan.count * tile_flops(config, ty, tx)
-    for t in valid_input_sizes(config, 1, 800):     # no square tile within the budget does better
-        if output_size(config, t) >= 8 and tile_memory(config, t, t) <= budget:
-            other = plan_tiles(config, 700, 300, tile=t)
-            assert other.count * tile_flops(config, t, t) >= best * 0.995
-
-
-def test_bigger_budget_bigger_tile_and_too_small_budget():
-    config = UNetConfig(base=16, depth=4, dropout=0.0)
-    small = choose_tile(config, 4000, 4000, 100 * 2**20)
-    large = choose_tile(config, 4000, 4000, 1000 * 2**20)
-    assert large[0] * large[1] > small[0] * small[1]
-    with pytest.raises(ConfigError, match="memory budget"):
-        choose_tile(config, 4000, 4000, 2**20)
-
-
-def test_tile_flops_matches_model_count():
-    config = UNetConfig()
-    assert tile_flops(config, 572, 572) == conv_flops(config, 572)
-
-
-def test_tile_memory_grows_with_the_tile_not_the_image():
-    config = UNetConfig(base=16)
-    assert tile_memory(config, 1084, 1084) > 3 * tile_memory(config, 572, 572)
-    a = plan_tiles(config, 2000, 2000, budget=200 * 2**20).tile
-    b = plan_tiles(config, 16000, 16000, budget=200 * 2**20).tile
-    assert tile_memory(config, *a) <= 200 * 2**20 and tile_memory(config, *b) <= 200 * 2**20
 
 
 # ------------------------------------------------------------------------------------------- masks

@@ -97,3 +97,37 @@ def test_bad_configs_are_refused():
 def test_flop_count_of_the_paper_network():
     # 572 -> 388: about 301 GFLOPs per tile (multiply and add counted separately).
     assert conv_flops(PAPER, 572) == pytest.approx(300.9e9, rel=1e-3)
+
+
+def test_flop_count_matches_a_hand_count_of_a_tiny_network():
+    tiny = UNetConfig(in_channels=1, num_classes=2, depth=1, base=2, dropout=0.0)
+    assert output_size(tiny, 20) == 4
+    # 2 x multiply-adds per output pixel x output pixels, layer by layer for a 20x20 input:
+    hand = (2 * 1 * 2 * 9 * 18 * 18      # conv 1->2, 3x3, 18x18 out
+            + 2 * 2 * 2 * 9 * 16 * 16    # conv 2->2, 16x16; pool to 8x8
+            + 2 * 2 * 4 * 9 * 6 * 6      # bottom conv 2->4, 6x6
+            + 2 * 4 * 4 * 9 * 4 * 4      # bottom conv 4->4, 4x4
+            + 2 * 4 * 2 * 1 * 8 * 8      # 2x2 stride-2 up-convolution 4->2: one tap per input, 8x8 out
+            + 2 * 4 * 2 * 9 * 6 * 6      # conv on the concatenation 4->2, 6x6
+            + 2 * 2 * 2 * 9 * 4 * 4      # conv 2->2, 4x4
+            + 2 * 2 * 2 * 1 * 4 * 4)     # 1x1 head 2->2
+    assert conv_flops(tiny, 20) == hand
+    # rectangles: every layer's pixels are rows x columns
+    assert conv_flops(tiny, 20, 24) == conv_flops(tiny, 24, 20)
+    assert conv_flops(tiny, 20, 20) == hand
+
+
+def test_lean_forward_equals_forward():
+    from unetcli.model import lean_forward
+
+    config = UNetConfig(base=4, depth=2, dropout=0.0)
+    torch.manual_seed(0)
+    net = UNet(config).eval()
+    x = torch.randn(2, 1, 60, 60)
+    with torch.no_grad():
+        ref = net(x)
+        assert torch.allclose(lean_forward(net, x), ref, atol=1e-5)
+        net.to(memory_format=torch.channels_last)        # the CPU's strided pooling path
+        xl = x.contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(lean_forward(net, xl), ref, atol=1e-5)
+        assert torch.allclose(lean_forward(torch.nn.DataParallel(net), x), ref, atol=1e-5)

@@ -156,7 +156,7 @@ def available_memory() -> int:
     return avail()
 
 
-def default_memory_budget(device: torch.device) -> int:
+def default_memory_budget(device: torch.device | str) -> int:
     """The default memory budget in bytes for the activations of a batch of tiles.
 
     CPU: a quarter of the available memory, at most 512 MiB. Larger tiles gain little more on a CPU
@@ -164,7 +164,9 @@ def default_memory_budget(device: torch.device) -> int:
     and with this cap the whole command, torch included, stays under 1 GB even for a 16384x16384 image
     (the tile-memory estimate leaves room for the allocator's fragmentation).
     CUDA: half of the free device memory. MPS: a quarter of the available memory, at most 4 GiB.
+    ``device`` may also be a device's name ('cpu').
     """
+    device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.5)

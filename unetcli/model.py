@@ -1,5 +1,9 @@
 """The U-Net of Ronneberger, Fischer and Brox (2015), built from a frozen config, and its size rules.
 
+The config and the size rules (output sizes, margin, layers, FLOPs, activation memory) are computed in
+:mod:`unetcli.netspec`, without torch, and imported here; this module adds the network itself and its
+lean forward pass for prediction.
+
 With the defaults (depth 4, base width 64, valid padding) it is the network of the paper's Figure 1:
 23 convolutional layers, about 31.0 million parameters for 1 input channel and 2 classes, and a
 572x572 input tile gives a 388x388 output tile.
@@ -7,164 +11,16 @@ With the defaults (depth 4, base width 64, valid padding) it is the network of t
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from unetcli.errors import ConfigError, TileSizeError
-
-PADDINGS = ("valid", "same")
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Everything that defines the network; saved in every model file."""
-
-    in_channels: int = 1
-    num_classes: int = 2
-    depth: int = 4          # number of 2x2 max-poolings (the paper: 4)
-    base: int = 64          # channels of the first level, doubled at every level down
-    padding: str = "valid"  # 'valid' (the paper's unpadded convolutions) or 'same'
-    batchnorm: bool = False
-    dropout: float = 0.5    # at the end of the contracting path; 0 switches it off
-
-    def __post_init__(self) -> None:
-        if self.padding not in PADDINGS:
-            raise ConfigError(f"padding must be one of {', '.join(PADDINGS)}, not {self.padding!r}")
-        for field in ("in_channels", "num_classes", "base"):
-            if int(getattr(self, field)) < 1:
-                raise ConfigError(f"{field} must be at least 1, not {getattr(self, field)}")
-        if self.num_classes < 2:
-            raise ConfigError("a U-Net needs at least 2 classes (softmax over classes)")
-        if not 1 <= self.depth <= 8:
-            raise ConfigError(f"depth must be between 1 and 8, not {self.depth}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "UNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown network settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-
-# ---------------------------------------------------------------------------------------- size rules
-
-def output_size(config: UNetConfig, size: int) -> int | None:
-    """Side length of the output for an input side ``size``, or None if the network cannot take it."""
-    if size < 1:
-        return None
-    if config.padding == "same":
-        return size if size % (2 ** config.depth) == 0 else None
-    s = size
-    for _ in range(config.depth):
-        s -= 4                      # two unpadded 3x3 convolutions
-        if s < 2 or s % 2:          # the 2x2 pooling needs an even size
-            return None
-        s //= 2
-    s -= 4                          # bottom of the U
-    if s < 1:
-        return None
-    for _ in range(config.depth):
-        s = 2 * s - 4               # 2x2 up-convolution, then two 3x3 convolutions
-        if s < 1:
-            return None
-    return s
-
-
-def margin(config: UNetConfig) -> int:
-    """Context each side of an output tile that a valid-padding network consumes (92 for the paper's)."""
-    if config.padding == "same":
-        return 0
-    size = smallest_input(config)
-    return (size - output_size(config, size)) // 2
-
-
-def smallest_input(config: UNetConfig) -> int:
-    """The smallest input side the network takes."""
-    s = 1
-    while output_size(config, s) is None:
-        s += 1
-    return s
-
-
-def valid_input_sizes(config: UNetConfig, lo: int = 1, hi: int = 4096) -> list[int]:
-    """Every input side between ``lo`` and ``hi`` that the network takes."""
-    return [s for s in range(max(lo, 1), hi + 1) if output_size(config, s) is not None]
-
-
-def nearest_valid(config: UNetConfig, size: int) -> tuple[int | None, int | None]:
-    """The largest valid input side below ``size`` and the smallest above it."""
-    below = next((s for s in range(size - 1, 0, -1) if output_size(config, s) is not None), None)
-    above = next((s for s in range(size + 1, size + 2 ** (config.depth + 1) + 1)
-                  if output_size(config, s) is not None), None)
-    return below, above
-
-
-def check_tile(config: UNetConfig, tile: int) -> int:
-    """Return the output side of input tile ``tile``, or raise TileSizeError naming the nearest sizes."""
-    out = output_size(config, tile)
-    if out is None:
-        below, above = nearest_valid(config, tile)
-        near = " or ".join(str(s) for s in (below, above) if s is not None)
-        first = smallest_input(config)
-        step = 2 ** config.depth
-        rule = (f"multiples of {step}" if config.padding == "same"
-                else f"{first}, {first + step}, {first + 2 * step}, ... in steps of {step}")
-        raise TileSizeError(f"tile size {tile} does not fit this network (input sides are {rule})",
-                            hint=f"use {near}")
-    return out
-
-
-def conv_layers(config: UNetConfig, size: int) -> list[tuple[str, int, int, int, int]]:
-    """Every convolution of one forward pass on a ``size`` x ``size`` input.
-
-    Entries are ``(kind, in_channels, out_channels, kernel, output_side)`` with kind 'conv', 'up' or
-    'head'; the benchmarks count FLOPs from them (2 * k * k * cin * cout per output pixel).
-    """
-    if output_size(config, size) is None:
-        check_tile(config, size)
-    pad = config.padding == "same"
-    shrink = 0 if pad else 2
-    layers, s, c_in, widths = [], size, config.in_channels, []
-    for level in range(config.depth + 1):
-        width = config.base * 2 ** level
-        for _ in range(2):
-            s -= shrink
-            layers.append(("conv", c_in, width, 3, s))
-            c_in = width
-        widths.append(width)
-        if level < config.depth:
-            s //= 2
-    for level in range(config.depth - 1, -1, -1):
-        width = widths[level]
-        s *= 2
-        layers.append(("up", c_in, width, 2, s))
-        c_in = 2 * width
-        for _ in range(2):
-            s -= shrink
-            layers.append(("conv", c_in, width, 3, s))
-            c_in = width
-    layers.append(("head", c_in, config.num_classes, 1, s))
-    return layers
-
-
-def conv_flops(config: UNetConfig, size: int) -> int:
-    """Multiply-adds x 2 of every convolution in one forward pass on a ``size``-sided tile."""
-    total = 0
-    for kind, cin, cout, k, side in conv_layers(config, size):
-        per_pixel = cin * cout * (1 if kind == "up" else k * k)  # a 2x2 stride-2 up-conv: 1 tap each
-        total += 2 * per_pixel * side * side
-    return total
+# The specification and its size rules live in netspec (no torch); they are part of this module's API.
+from unetcli.netspec import (PADDINGS, UNetConfig, activation_elements, check_tile, conv_flops,  # noqa: F401
+                             conv_layers, margin, nearest_valid, output_size, pixel_flops, smallest_input,
+                             valid_input_sizes)
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -196,6 +52,24 @@ class Up(nn.Module):
         dx = (skip.shape[-1] - x.shape[-1]) // 2
         skip = skip[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]  # centre crop to (2h, 2w)
         return self.conv(torch.cat([skip, x], dim=1))    # (B, 2*cout, 2h, 2w) -> (B, cout, ...)
+
+
+def _run_seq(seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for layer in seq:
+        x = layer(x)      # rebinding drops the layer's input as soon as its output exists
+    return x
+
+
+def _pool2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pooling, stride 2. On a CPU, for channels-last maps of even size, as three elementwise
+    maxima of strided views: about five times faster than ``max_pool2d``, which also computes indices."""
+    b, c, h, w = x.shape
+    if x.device.type != "cpu" or h % 2 or w % 2 or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, 2)
+    v = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c)     # NHWC memory, pooling windows apart
+    out = torch.maximum(v[:, :, 0, :, 0], v[:, :, 0, :, 1])
+    torch.maximum(out, torch.maximum(v[:, :, 1, :, 0], v[:, :, 1, :, 1]), out=out)
+    return out.permute(0, 3, 1, 2)                                    # (B, C, h/2, w/2), channels-last
 
 
 class UNet(nn.Module):
@@ -230,10 +104,58 @@ class UNet(nn.Module):
             x = block(x, skip)
         return self.head(x)
 
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` computed the same way but holding fewer activations at once (for prediction).
+
+        Each layer's input is released as soon as its output exists, and every skip connection is
+        released right after its concatenation; ``netspec.activation_elements`` counts this order's
+        peak (change them together).
+        """
+        skips = []
+        for block in self.down:
+            x = _run_seq(block, x)
+            skips.append(x)
+            x = _pool2(x)
+        x = self.dropout(_run_seq(self.bottom, x))
+        for block in self.up:
+            # crop-and-concatenate, ordered to hold less at once than torch.cat(skip, up(x)): the skip is
+            # copied into the concatenation and released before the up-convolution's output exists
+            skip = skips.pop()
+            b, w = x.shape[0], block.up.out_channels
+            h2, w2 = 2 * x.shape[-2], 2 * x.shape[-1]                   # the 2x2 stride-2 up-convolution
+            fmt = (torch.channels_last if skip.is_contiguous(memory_format=torch.channels_last)
+                   else torch.contiguous_format)
+            cat = torch.empty((b, 2 * w, h2, w2), dtype=skip.dtype, device=skip.device, memory_format=fmt)
+            dy, dx = (skip.shape[-2] - h2) // 2, (skip.shape[-1] - w2) // 2
+            cat[:, :w].copy_(skip[..., dy:dy + h2, dx:dx + w2])        # (B, w, 2h, 2w) centre crop
+            del skip
+            y = block.up(x)                                              # (B, w, 2h, 2w)
+            del x
+            cat[:, w:].copy_(y)
+            del y
+            x = _run_seq(block.conv, cat)                                # (B, 2w, ...) -> (B, w, ...)
+            del cat
+        return self.head(x)
+
     def conv_modules(self) -> Iterator[nn.Module]:
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 yield m
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The UNet inside DataParallel, DistributedDataParallel or torch.compile; else ``net`` itself."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(net, attr, None)
+        if isinstance(inner, UNet):
+            return inner
+    return net
+
+
+def lean_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)``; for a UNet (wrapped or not) through :meth:`UNet.forward_lean`, other modules called."""
+    core = unwrap(net)
+    return core.forward_lean(x) if isinstance(core, UNet) else net(x)
 
 
 def he_init(net: nn.Module) -> None:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from unetcli.errors import ConfigError, ImageShapeError, LabelError
+from unetcli.tiling import mirror_index  # whole-sample mirroring, one rule with prediction's borders
 
 if TYPE_CHECKING:  # torch is imported only where the torch path runs
     import torch
@@ -348,15 +349,6 @@ _BLOCK_PIXELS = 49152  # output pixels (times channels) sampled at a time
 
 KEYS_A = -0.75
 """The cubic convolution kernel's parameter, as in torch's ``grid_sample(mode='bicubic')`` and OpenCV."""
-
-
-def mirror_index(index: np.ndarray, n: int) -> np.ndarray:
-    """Integer positions folded into [0, n) by whole-sample mirroring at the edge pixels."""
-    if n == 1:
-        return np.zeros_like(index)
-    period = 2 * (n - 1)
-    index = np.abs(index) % period
-    return np.where(index > n - 1, period - index, index)
 
 
 def _window(array: np.ndarray, ys: np.ndarray, xs: np.ndarray, before: int, after: int
