@@ -183,6 +183,18 @@ def test_many_inputs_to_a_folder_and_skip_existing(run, tmp_path, models):
     assert (tmp_path / "out" / "c.tif").is_file()
 
 
+def test_folder_input_skips_hidden_files(run, tmp_path, models):
+    (tmp_path / "imgs").mkdir()
+    write_image(tmp_path / "imgs" / "b.png", _grey_image(30, 30, seed=1))
+    write_image(tmp_path / "imgs" / "a.png", _grey_image(30, 30, seed=2))
+    write_image(tmp_path / "imgs" / "._a.png", _grey_image(30, 30, seed=3))    # a macOS resource fork
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    result = run("predict", "imgs", "-o", "out", "-m", models["grey"])
+    assert result.code == 0, result
+    assert result.stdout.splitlines() == [str(Path("out") / "a.tif"), str(Path("out") / "b.tif")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "b.tif"]
+
+
 # ---------------------------------------------------------------------------------------- output types
 
 def test_each_output_type(run, tmp_path, models):

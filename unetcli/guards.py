@@ -56,10 +56,10 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    from unetcli.images import is_image_path
+    from unetcli.images import image_files
 
     try:
-        return [f for f in folder.iterdir() if f.is_file() and is_image_path(f) and not f.name.startswith(".")]
+        return image_files(folder)
     except OSError:
         return []
 

@@ -59,6 +59,16 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return format_from_name(path) is not None
 
 
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name; hidden files (``.name``) are left out.
+
+    The one rule for "a folder given as input" (predict, evaluate, weights, training data, the output
+    guards). Raises OSError where the folder cannot be listed.
+    """
+    return sorted(f for f in Path(folder).iterdir()
+                  if not f.name.startswith(".") and f.is_file() and is_image_path(f))
+
+
 def available_memory() -> int:
     """Bytes of memory the system can still give us (MemAvailable on Linux)."""
     try:

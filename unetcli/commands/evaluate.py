@@ -111,9 +111,9 @@ def command(
 # ------------------------------------------------------------------------------------ inputs
 
 def _images_in(folder: Path) -> list[Path]:
-    from unetcli.images import is_image_path
+    from unetcli.images import image_files
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p) and not p.name.startswith("."))
+    return image_files(folder)
 
 
 # Memory, measured with ru_maxrss on 2048x2048 pairs (binary, instance and probability maps, every

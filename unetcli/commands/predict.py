@@ -52,7 +52,7 @@ def _parse_size(text: str | None) -> int | None:
 
 
 def _expand_inputs(inputs: list[str]) -> list[str]:
-    from unetcli.images import is_image_path
+    from unetcli.images import image_files
 
     if "-" in inputs and len(inputs) > 1:
         raise ConfigError("'-' (stdin) must be the only input", hint="give either files or '-'")
@@ -60,7 +60,7 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
     for item in inputs:
         p = Path(item)
         if item != "-" and p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.is_file() and is_image_path(f))
+            found = [str(f) for f in image_files(p)]
             if not found:
                 raise ImageReadError(f"{item}: folder holds no image files (.tif, .png, .jpg, .bmp)")
             out.extend(found)

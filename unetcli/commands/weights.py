@@ -77,7 +77,7 @@ def command(
     from unetcli import console
     from unetcli.errors import ConfigError, LabelError
     from unetcli.guards import check_finite, check_memory, check_outputs, declared_shape, read_stdin_once
-    from unetcli.images import TIFF, format_from_name, is_image_path, read_image, write_image
+    from unetcli.images import TIFF, format_from_name, image_files, read_image, write_image
     from unetcli.labels import label_planes, num_classes, parse_values, training_target
     from unetcli.weightmap import class_counts, class_weights_for, largest_window, peak_bytes, weight_map
     from unetcli.weightmap import preview as preview_picture
@@ -103,8 +103,7 @@ def command(
     for arg in labels:
         p = Path(arg)
         if arg != "-" and p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.is_file() and is_image_path(f)
-                           and not f.name.startswith("."))
+            found = [str(f) for f in image_files(p)]
             if not found:
                 raise ConfigError(f"{arg}: folder holds no image files (.tif, .png, .jpg, .bmp)")
             inputs.extend(found)
