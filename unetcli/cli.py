@@ -111,7 +111,8 @@ def run(args: list[str]) -> int:
             # Not click's standalone mode: it would turn Ctrl-C into a silent exit 130 and a broken
             # pipe into exit 1 before we could see them.
             command._main_shell_completion({}, "unet", None)
-            with command.make_context("unet", list(args)) as ctx:
+            # the command line travels to the commands as the context's obj (for provenance records)
+            with command.make_context("unet", list(args), obj={"argv": list(ARGV)}) as ctx:
                 command.invoke(ctx)
             sys.stdout.flush()       # a full or closed stdout fails here, not at interpreter exit
         return 0

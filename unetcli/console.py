@@ -72,8 +72,10 @@ def interactive() -> bool:
 
 
 @contextlib.contextmanager
-def progress(total: int | None, description: str) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n=1, **fields)``; draws a rich progress bar only on an interactive stderr."""
+def progress(total: int | None, description: str, keep: bool = False) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **fields)``; draws a rich progress bar only on an interactive stderr.
+
+    ``keep`` leaves the finished bar on the screen (with its last fields) instead of removing it."""
     if not interactive():
         yield lambda n=1, **fields: None
         return
@@ -82,7 +84,7 @@ def progress(total: int | None, description: str) -> Iterator[Callable[..., None
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-    with Progress(*columns, console=console(), transient=True) as bar:
+    with Progress(*columns, console=console(), transient=not keep) as bar:
         task = bar.add_task(description, total=total, status="")
 
         def advance(n: int = 1, **fields) -> None:
