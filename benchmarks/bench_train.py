@@ -1,7 +1,7 @@
 """Training throughput: optimiser steps per second and the convolution FLOP rate they reach.
 
 For the paper's network (base 64, depth 4, valid padding) at input tile 572 (output 388), batch 1, SGD
-with momentum 0.99 and the weighted cross-entropy, as `unet train` runs it (training.weighted_loss),
+with momentum 0.99 and the weighted cross-entropy, as `unet train` runs it (recipe.weighted_loss),
 and for comparison the same step of other recipes. FLOPs count every convolution of the forward pass
 (model.conv_flops: 2 x multiply-adds) times 3 for forward + backward (the backward pass computes the
 gradients of the inputs and of the weights, each about one forward's work).
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unetcli import training
+from unetcli import recipe
 from unetcli.model import UNet, UNetConfig, conv_flops, conv_layers, output_size
 
 
@@ -64,7 +64,7 @@ def time_steps(config: UNetConfig, tile: int, batch: int, steps: int, device: to
                 logits = net(x)
         else:
             logits = net(x)
-        loss = training.weighted_loss(logits, y, w, "ce")
+        loss = recipe.weighted_loss(logits, y, w, "ce")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

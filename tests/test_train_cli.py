@@ -144,9 +144,7 @@ def test_a_signal_leaves_a_loadable_checkpoint(tmp_path, sig, code):
     model = checkpoint.load_model(out / "last.unet")
     step = model.provenance["training"]["step"]
     assert step >= 2
-    from unetcli import training
-
-    _m, _o, info = training.load_state(out / training.STATE_FILE)
+    _m, _o, info = checkpoint.load_state(out / checkpoint.STATE_FILE)
     assert info["step"] == step
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from unetcli import checkpoint, training
+from unetcli import checkpoint, devices, recipe, runconfig, training
 from unetcli.errors import ConfigError, LabelError, TileSizeError
 from unetcli.images import write_image
 from unetcli.model import UNetConfig
@@ -53,7 +53,7 @@ def options(images: Path, labels: Path, **extra) -> dict:
 
 
 def run(opts: dict, run_dir: Path, **kw) -> training.TrainResult:
-    tc, net, tr, val, norm, names, aug, note = training.prepare(opts, cache_dir=run_dir / "weights")
+    tc, net, tr, val, norm, names, aug, note = runconfig.prepare(opts, cache_dir=run_dir / "weights")
     return training.train(tc, net, tr, val, run_dir, normalization=norm, class_names=names, augment=aug,
                           provenance={"data": note}, init=opts.get("init"), **kw)
 
@@ -72,10 +72,10 @@ def test_weighted_loss_equals_hand_computed_value():
     p1 = math.exp(2) / (math.exp(2) + 1)                           # softmax of the truth class
     p2 = 1 / (1 + math.e)
     expected = (3.0 * -math.log(p1) + 0.5 * -math.log(p2)) / 2     # mean over the 2 pixels
-    got = training.weighted_loss(logits, target, weights, "ce")
+    got = recipe.weighted_loss(logits, target, weights, "ce")
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # no weights: the plain mean cross-entropy
-    plain = training.weighted_loss(logits, target, None, "ce")
+    plain = recipe.weighted_loss(logits, target, None, "ce")
     assert plain.item() == pytest.approx((-math.log(p1) - math.log(p2)) / 2, rel=1e-6)
 
 
@@ -85,40 +85,40 @@ def test_ce_plus_dice_adds_the_soft_dice_loss():
     p = torch.softmax(logits, 1)[0, :, 0]                          # (K=2, 2 pixels)
     g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     dice = ((2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1)).mean()
-    ce = training.weighted_loss(logits, target, None, "ce")
-    both = training.weighted_loss(logits, target, None, "ce+dice")
+    ce = recipe.weighted_loss(logits, target, None, "ce")
+    both = recipe.weighted_loss(logits, target, None, "ce+dice")
     assert both.item() == pytest.approx(ce.item() + 1 - dice.item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------- schedules, options
 
 def test_schedules_start_end_and_warm_up():
-    assert training.lr_factor("constant", 0.5, 0.0) == 1.0
-    assert training.lr_factor("cosine", 0.0, 0.0) == pytest.approx(1.0)
-    assert training.lr_factor("cosine", 1.0, 0.0) == pytest.approx(0.0, abs=1e-12)
-    assert training.lr_factor("cosine", 0.5, 0.0) == pytest.approx(0.5)
-    assert training.lr_factor("poly", 1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
-    assert training.lr_factor("cosine", 0.05, 0.1) < training.lr_factor("cosine", 0.09, 0.1) <= 1.0
-    assert training.lr_factor("onecycle", 0.3, 0.02) == pytest.approx(1.0)
+    assert recipe.lr_factor("constant", 0.5, 0.0) == 1.0
+    assert recipe.lr_factor("cosine", 0.0, 0.0) == pytest.approx(1.0)
+    assert recipe.lr_factor("cosine", 1.0, 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert recipe.lr_factor("cosine", 0.5, 0.0) == pytest.approx(0.5)
+    assert recipe.lr_factor("poly", 1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert recipe.lr_factor("cosine", 0.05, 0.1) < recipe.lr_factor("cosine", 0.09, 0.1) <= 1.0
+    assert recipe.lr_factor("onecycle", 0.3, 0.02) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("text, seconds", [("30m", 1800), ("1h30m", 5400), ("90s", 90), ("45", 45),
                                            ("2h", 7200), ("1.5m", 90)])
 def test_parse_duration(text, seconds):
-    assert training.parse_duration(text) == seconds
+    assert runconfig.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["soon", "-5m", "0", "10 parsecs", "5m later"])
 def test_parse_duration_refuses_nonsense(text):
     with pytest.raises(ConfigError):
-        training.parse_duration(text)
+        runconfig.parse_duration(text)
 
 
 def test_bad_training_settings_are_config_errors():
     for bad in ({"optimizer": "rmsprop"}, {"batch": 0}, {"schedule": "zigzag"}, {"loss": "l2"},
                 {"momentum": 1.0}, {"precision": "fp8"}, {"metric": "accuracy?"}):
         with pytest.raises(ConfigError):
-            training.TrainConfig(**bad)
+            runconfig.TrainConfig(**bad)
 
 
 # ----------------------------------------------------------------------------------- data, pairing
@@ -127,14 +127,14 @@ def test_unpaired_files_name_the_missing_partner(tmp_path):
     images, labels = make_folder(tmp_path, n=2)
     (labels / "s1.png").unlink()
     with pytest.raises(LabelError, match="s1"):
-        training.prepare(options(images, labels))
+        runconfig.prepare(options(images, labels))
 
 
 def test_label_of_the_wrong_size_is_refused(tmp_path):
     images, labels = make_folder(tmp_path, n=2)
     write_image(labels / "s0.png", np.zeros((40, 64), np.uint8), "YX")
     with pytest.raises(LabelError, match="s0.png"):
-        training.prepare(options(images, labels))
+        runconfig.prepare(options(images, labels))
 
 
 def test_unknown_class_value_is_refused(tmp_path):
@@ -143,18 +143,18 @@ def test_unknown_class_value_is_refused(tmp_path):
     lab[10:20, 10:20] = 7
     write_image(labels / "s1.png", lab, "YX")
     with pytest.raises(LabelError, match="7"):
-        training.prepare(options(images, labels, classes="0,1,2,3,4"))
+        runconfig.prepare(options(images, labels, classes="0,1,2,3,4"))
 
 
 def test_invalid_tile_names_the_nearest_sizes(tmp_path):
     images, labels = make_folder(tmp_path, n=2)
     with pytest.raises(TileSizeError, match="tile size 33"):
-        training.prepare(options(images, labels, tile=33))
+        runconfig.prepare(options(images, labels, tile=33))
 
 
 def test_normalisation_is_computed_from_the_training_images_only(tmp_path):
     images, labels = make_folder(tmp_path, n=4)
-    *_, norm, _names, _aug, note = training.prepare(options(images, labels, val_index="3",
+    *_, norm, _names, _aug, note = runconfig.prepare(options(images, labels, val_index="3",
                                                                    normalize="dataset"))
     from unetcli.images import read_image
 
@@ -170,7 +170,7 @@ def test_auto_weights_are_the_shared_weight_map_and_are_cached(tmp_path):
 
     images, labels = make_folder(tmp_path / "d", n=2)
     cache = tmp_path / "cache"
-    _tc, _net, samples, *_ = training.prepare(options(images, labels, balance="none"), cache_dir=cache)
+    _tc, _net, samples, *_ = runconfig.prepare(options(images, labels, balance="none"), cache_dir=cache)
     from unetcli.images import read_image
 
     lab = read_image(labels / "s0.png")[0, ..., 0]
@@ -180,7 +180,7 @@ def test_auto_weights_are_the_shared_weight_map_and_are_cached(tmp_path):
     np.testing.assert_array_equal(samples[0].weights, expected)
     assert len(list(cache.glob("*.tif"))) == 2
     # a second preparation reads the cache and gets the same maps
-    _tc, _net, again, *_ = training.prepare(options(images, labels, balance="none"), cache_dir=cache)
+    _tc, _net, again, *_ = runconfig.prepare(options(images, labels, balance="none"), cache_dir=cache)
     np.testing.assert_array_equal(again[0].weights, expected)
 
 
@@ -189,7 +189,7 @@ def test_tiles_depend_only_on_seed_rank_and_number(tmp_path):
     from unetcli import transforms
 
     images, labels = make_folder(tmp_path, n=3)
-    _tc, _net, samples, _v, norm, *_ = training.prepare(options(images, labels, normalize="dataset"))
+    _tc, _net, samples, _v, norm, *_ = runconfig.prepare(options(images, labels, normalize="dataset"))
     a = datamod.TileSampler(samples, 32, 32, transforms.AugmentConfig(), seed=1, mean=norm["mean"],
                             std=norm["std"])
     b = datamod.TileSampler(samples, 32, 32, transforms.AugmentConfig(), seed=1, mean=norm["mean"],
@@ -224,7 +224,7 @@ def test_run_folder_holds_everything(tmp_path):
     run_dir = tmp_path / "run"
     result = run(options(images, labels, iterations=4, checkpoint_every=2), run_dir)
     names = {p.name for p in run_dir.iterdir()}
-    assert {"last.unet", "best.unet", "metrics.jsonl", "curves.png", training.STATE_FILE,
+    assert {"last.unet", "best.unet", "metrics.jsonl", "curves.png", checkpoint.STATE_FILE,
             "weights"} <= names
     model = checkpoint.load_model(run_dir / "last.unet")
     assert model.config.base == 4 and model.class_names == ["background", "foreground"]
@@ -234,7 +234,7 @@ def test_run_folder_holds_everything(tmp_path):
     # the resumable state is not a pickle: the model-file container (safetensors with unet's records)
     from safetensors import safe_open
 
-    with safe_open(str(run_dir / training.STATE_FILE), framework="numpy") as f:
+    with safe_open(str(run_dir / checkpoint.STATE_FILE), framework="numpy") as f:
         assert f.metadata()["format"] == checkpoint.FORMAT
     from unetcli.images import read_image
 
@@ -259,7 +259,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert stopped.interrupted and stopped.step == 3
     resumed = run(opts, tmp_path / "b", resume=True)
     assert resumed.step == 6
-    _equal_states(tmp_path / "a" / training.STATE_FILE, tmp_path / "b" / training.STATE_FILE)
+    _equal_states(tmp_path / "a" / checkpoint.STATE_FILE, tmp_path / "b" / checkpoint.STATE_FILE)
     _equal_states(tmp_path / "a" / "last.unet", tmp_path / "b" / "last.unet")
     rows_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -279,7 +279,7 @@ def test_stop_flag_leaves_a_loadable_checkpoint(tmp_path):
     model = checkpoint.load_model(tmp_path / "run" / "last.unet")
     net = model.network()
     assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
-    _m, _o, info = training.load_state(tmp_path / "run" / training.STATE_FILE)
+    _m, _o, info = checkpoint.load_state(tmp_path / "run" / checkpoint.STATE_FILE)
     assert info["step"] == 2
 
 
@@ -320,7 +320,7 @@ def test_fine_tuning_refuses_another_channel_count(tmp_path):
 
     checkpoint.save_model(rgb, UNet(cfg).state_dict(), cfg, normalization={"mean": [0.0] * 3, "std": [1.0] * 3})
     with pytest.raises(ConfigError, match="3 input channel"):
-        training.prepare(options(images, labels, init=str(rgb)))
+        runconfig.prepare(options(images, labels, init=str(rgb)))
 
 
 def membranes(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -376,19 +376,19 @@ def test_the_gpu_code_paths_run_on_the_cpu(tmp_path):
 
 def test_fp16_is_refused_on_the_cpu():
     with pytest.raises(ConfigError, match="fp16"):
-        training.resolve_precision("fp16", torch.device("cpu"))
-    assert training.resolve_precision("auto", torch.device("cpu")) == "fp32"
+        devices.resolve_precision("fp16", torch.device("cpu"))
+    assert devices.resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
 def test_val_split_and_val_images(tmp_path):
     images, labels = make_folder(tmp_path / "d", n=4)
-    *_, note = training.prepare(options(images, labels, val_split=0.5, seed=3))
+    *_, note = runconfig.prepare(options(images, labels, val_split=0.5, seed=3))
     assert len(note["validation"]) == 2 and len(note["train"]) == 2
     assert set(note["validation"]) | set(note["train"]) == {"s0", "s1", "s2", "s3"}
-    *_, again = training.prepare(options(images, labels, val_split=0.5, seed=3))
+    *_, again = runconfig.prepare(options(images, labels, val_split=0.5, seed=3))
     assert again["validation"] == note["validation"]            # the seed chooses them
     vi, vl = make_folder(tmp_path / "v", n=2, seed=9)
-    *_, note2 = training.prepare(options(images, labels, val_images=str(vi), val_labels=str(vl)))
+    *_, note2 = runconfig.prepare(options(images, labels, val_images=str(vi), val_labels=str(vl)))
     assert note2["validation"] == ["s0", "s1"] and len(note2["train"]) == 4
     with pytest.raises(ConfigError, match="exclude each other"):
-        training.prepare(options(images, labels, val_split=0.5, val_index="1"))
+        runconfig.prepare(options(images, labels, val_split=0.5, val_index="1"))

@@ -297,6 +297,76 @@ def load_model(name_or_path: str | os.PathLike) -> ModelFile:
     return ModelFile(tensors=tensors, path=path, sha256=file_sha, **records)
 
 
+# ------------------------------------------------------------------------------- the training state
+
+STATE_FILE = "train-state.bin"
+STATE_FORMAT = 1
+
+
+def save_state(path: str | os.PathLike, net, optimizer, config, normalization: dict, info: dict,
+               scaler=None) -> None:
+    """A resumable training state in a model file, atomically: the weights (``model/NAME``), the
+    optimiser's tensors (``opt/PARAM/NAME``) and, in the provenance's ``train_state`` record, the
+    optimiser's other values, its parameter groups, the loss scaler and ``info`` (step, clock, best)."""
+    import torch
+
+    tensors = {f"model/{k}": v for k, v in net.state_dict().items()}
+    opt = optimizer.state_dict()
+    layout = {}
+    for idx, st in opt["state"].items():
+        keys = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt/{idx}/{k}"] = v
+                keys[k] = "tensor"
+            else:
+                keys[k] = v
+        layout[str(idx)] = keys
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+    meta = dict(info)
+    meta.update({"format": STATE_FORMAT, "optimizer_state": layout, "param_groups": groups,
+                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None})
+    save_model(path, tensors, config, normalization=normalization, provenance={"train_state": meta})
+
+
+def load_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """``(model state dict, optimiser state dict, info)`` of a state written by :func:`save_state`.
+
+    Read with every check of :func:`load_model` (no code runs); a file that is no training state, or
+    whose optimiser record is malformed, is a one-line RunFolderError.
+    """
+    import torch
+
+    from unetcli.errors import RunFolderError
+
+    try:
+        mf = load_model(path)
+    except ModelFileError as exc:
+        raise RunFolderError(f"{path}: cannot resume from it ({exc.message})",
+                             hint="the run folder's state is damaged; start a new run") from exc
+    meta = mf.provenance.get("train_state")
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        raise RunFolderError(f"{path}: not a unet training state")
+    layout, groups = meta.get("optimizer_state"), meta.get("param_groups")
+    if not (isinstance(layout, dict) and all(isinstance(v, dict) for v in layout.values())
+            and all(k.isdigit() for k in layout) and isinstance(groups, list)
+            and all(isinstance(g, dict) for g in groups)
+            and all(f"opt/{i}/{k}" in mf.tensors for i, keys in layout.items() for k, v in keys.items()
+                    if v == "tensor")):
+        raise RunFolderError(f"{path}: damaged training state (optimiser record)",
+                             hint="the run folder's state is damaged; start a new run")
+
+    def tensor(name: str):
+        return torch.from_numpy(np.ascontiguousarray(mf.tensors[name]))
+
+    model = {k.removeprefix("model/"): tensor(k) for k in mf.tensors if k.startswith("model/")}
+    state = {int(i): {k: tensor(f"opt/{i}/{k}") if v == "tensor" else v for k, v in keys.items()}
+             for i, keys in layout.items()}
+    groups = [{k: (tuple(v) if k == "betas" and isinstance(v, list) else v) for k, v in g.items()}
+              for g in groups]
+    return model, {"state": state, "param_groups": groups}, meta
+
+
 # ------------------------------------------------------------------------------------- finding models
 
 def shipped_dir() -> Path:

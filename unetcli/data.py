@@ -22,12 +22,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from unetcli.errors import ConfigError, ImageReadError, ImageShapeError, LabelError
-from unetcli.images import is_image_path, read_image
+from unetcli.images import image_files, read_image
 
 
 @dataclass
@@ -48,12 +48,11 @@ class Sample:
 
 def _list_images(folder: Path) -> dict[str, Path]:
     files = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and is_image_path(p) and not p.name.startswith("."):
-            if p.stem in files:
-                raise ImageReadError(f"{folder}: two files share the stem {p.stem!r} "
-                                     f"({files[p.stem].name}, {p.name})", hint="rename one of them")
-            files[p.stem] = p
+    for p in image_files(folder):
+        if p.stem in files:
+            raise ImageReadError(f"{folder}: two files share the stem {p.stem!r} "
+                                 f"({files[p.stem].name}, {p.name})", hint="rename one of them")
+        files[p.stem] = p
     return files
 
 
@@ -114,14 +113,12 @@ def _drop_alpha(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def load_pairs(pairs, *, foreground=None, classes=None, border_width=None,
-               select: Callable[[int, str], bool] | None = None, norm: dict | None = None,
+def load_pairs(pairs, *, foreground=None, classes=None, border_width=None, norm: dict | None = None,
                channels: Sequence[int] | None = None, target: str = "two-class") -> list[Sample]:
     """Read every pair (stacks split into pages) and build its class-index target.
 
     ``foreground``/``classes`` are the label conventions of ``unet weights`` (parsed value lists or
-    None); ``select(index, name)`` keeps a subset of the pages (used for ``--val-index``); ``channels``
-    (0-based) picks and orders the image channels; ``target`` is 'two-class' or 'three-class'
+    None); ``channels`` (0-based) picks and orders the image channels; ``target`` is 'two-class' or 'three-class'
     (``labels.training_target``). With a per-image ``norm`` (``normalize``: percentile or z-score) each
     page is stored normalised (``scale`` 1); otherwise scaled to [0, 1] by its type's maximum.
     """
@@ -129,7 +126,6 @@ def load_pairs(pairs, *, foreground=None, classes=None, border_width=None,
     from unetcli import labels as labelmod
 
     out: list[Sample] = []
-    index = 0
     kwargs = {"target": target}
     per_image = norm is not None and normalize.kind(norm) != "dataset"
     if border_width is not None:
@@ -150,10 +146,6 @@ def load_pairs(pairs, *, foreground=None, classes=None, border_width=None,
         for page in range(img.shape[0]):
             name = f"{stem}[{page}]" if many else stem
             where = f"{lpath} page {page}" if many else str(lpath)
-            if select is not None and not select(index, name):
-                index += 1
-                continue
-            index += 1
             if lab.shape[1:3] != img.shape[1:3]:
                 raise LabelError(f"{where}: labels are {lab.shape[2]}x{lab.shape[1]} but the image "
                                  f"{ipath} is {img.shape[2]}x{img.shape[1]} (width x height)",
@@ -368,7 +360,7 @@ class TileSampler:
         image, target, w = self.images[k], self.targets[k], self.weights[k]
         if self.raw_crops:
             h, wd = target.shape
-            center = tuple(transforms._random_center(rng, n, self.in_size, self.out_size) for n in (h, wd))
+            center = tuple(transforms.random_center(rng, n, self.in_size, self.out_size) for n in (h, wd))
             img, tgt, wt = transforms.augment_tile(rng, transforms.AugmentConfig.none(), image, target, w,
                                                    self.in_size, self.in_size, center=center)
             size = self.in_size

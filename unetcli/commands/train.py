@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,10 +33,10 @@ EPILOG = """Examples:
   # two GPUs (or two CPU processes with gloo) on one machine
   torchrun --nproc_per_node 2 -m unetcli train --images imgs/ --labels labels/ --out runs/ddp"""
 
-_P = Path
 
 
 def command(
+    ctx: typer.Context,
     images: Annotated[Optional[Path], typer.Option("--images", metavar="DIR|STACK",
                       help="Training images: a folder (paired with --labels by file stem) or a "
                            "multi-page stack.")] = None,
@@ -146,12 +146,12 @@ def command(
                             help="Coarse grid of the elastic displacements (N x N).  "
                                  "\\[default: 3]")] = None,
     val_every: Annotated[Optional[int], typer.Option("--val-every", metavar="STEPS",
-                         help="Validate every this many steps.  \\[default: a tenth of the run, or "
-                              "200]")] = None,
-    val_metric: Annotated[Optional[str], typer.Option("--val-metric",
-                          metavar="auto|vrand|vinfo|iou|dice|loss|pixel_error",
-                          help="Metric that chooses best.unet; auto: vrand for membrane-type "
-                               "labels, iou otherwise.  \\[default: auto]")] = None,
+                         help="Validate every this many steps, and at the end.  \\[default: a tenth "
+                              "of the run but at least 50, or 200 with only --max-time]")] = None,
+    metric: Annotated[Optional[str], typer.Option("--val-metric",
+                      metavar="auto|vrand|vinfo|iou|dice|f1|ap|loss|pixel_error",
+                      help="Metric that chooses best.unet; auto: vrand for membrane-type labels, object "
+                           "F1 for instance labels, iou otherwise.  \\[default: auto]")] = None,
     val_tile: Annotated[Optional[int], typer.Option("--val-tile", metavar="PX",
                         help="Tile of the whole-image validation prediction.  \\[default: "
                              "chosen by predict]")] = None,
@@ -181,156 +181,113 @@ def command(
     json_: Annotated[bool, typer.Option("--json", help="Print the final summary as one JSON "
                                                        "object.")] = False,
 ) -> None:
-    import signal
+    values = dict(locals())           # the parameters as given: keep this the first line
+    from unetcli import runconfig, runfolder, training
 
-    from unetcli import training
-    from unetcli.errors import ConfigError
-
-    given = {
-        "images": images, "labels": labels, "weights": weights, "val_images": val_images,
-        "val_labels": val_labels, "val_split": val_split, "val_index": val_index,
-        "foreground": foreground, "classes": classes, "border_width": border_width, "w0": w0,
-        "sigma": sigma, "balance": balance, "init": init, "tile": tile, "batch": batch,
-        "iterations": iterations, "epochs": epochs, "optimizer": optimizer, "lr": lr,
-        "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup,
-        "loss": loss, "base": base, "depth": depth, "padding": padding, "batchnorm": batchnorm,
-        "dropout": dropout, "augment": augment, "augmentations": augmentations, "elastic_sigma": elastic_sigma,
-        "elastic_grid": elastic_grid, "val_every": val_every, "metric": val_metric,
-        "val_tile": val_tile, "checkpoint_every": checkpoint_every, "log_every": log_every,
-        "seed": seed, "deterministic": deterministic, "precision": precision,
-        "channels_last": channels_last, "workers": workers, "compile": compile_,
-        "gpu_augment": gpu_augment, "target": target, "normalize": normalize, "channels": channels,
-        "scale_range": scale_range,
-    }
-    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
-    if max_time is not None:
-        given["max_time"] = training.parse_duration(max_time)
-    if device != "auto":
-        given["device"] = device
-
-    if resume is not None:
-        if out is not None:
-            raise ConfigError("--resume and --out exclude each other", hint="--resume RUN_DIR continues "
-                              "the run in RUN_DIR")
-        run_dir = resume
-        cfg_path = run_dir / "config.json"
-        if not (run_dir / training.STATE_FILE).is_file() or not cfg_path.is_file():
-            raise training.RunFolderError(f"{run_dir}: not a run folder with a checkpoint "
-                                          f"(needs config.json and {training.STATE_FILE})")
-        try:
-            saved = json.loads(cfg_path.read_text(encoding="utf-8"))
-            opts = dict(saved["options"])
-        except (ValueError, KeyError, OSError) as exc:
-            raise training.RunFolderError(f"{cfg_path}: damaged run configuration ({exc})") from exc
-        ignored = sorted(k for k in given if k not in training.RESUME_OVERRIDES)
-        if ignored:
-            console.warn(f"--resume continues the run as configured; ignoring "
-                         f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
-        opts.update({k: v for k, v in given.items() if k in training.RESUME_OVERRIDES})
-    else:
-        if out is None:
-            raise ConfigError("say where the run goes: --out RUN_DIR", hint="or continue one with --resume")
-        run_dir = out
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError(f"{run_dir}: exists and is not a folder")
-        if run_dir.is_dir() and any((run_dir / n).exists() for n in ("config.json", training.STATE_FILE,
-                                                                      "last.unet")):
-            raise ConfigError(f"{run_dir}: already holds a training run",
-                              hint="continue it with --resume, or give another --out")
-        # missing folders are created when training starts (like mkdir -p); check they can be
-        ancestor = run_dir.parent.absolute()
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise ConfigError(f"{run_dir}: {ancestor} is a file, not a folder")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise ConfigError(f"{run_dir}: cannot create it in {ancestor} (permission denied)")
-        opts = given
-
-    dist = training.init_distributed(opts.get("device", "auto"))
-    if not dist.main:
+    given = _given(values)
+    console.detail(f"reading the training data ({given.get('images') or resume})")
+    run = runfolder.open_run(given, out=out, resume=resume, command=(ctx.obj or {}).get("argv"))
+    if run.ignored:
+        console.warn(f"--resume continues the run as configured; ignoring "
+                     f"{', '.join('--' + k.replace('_', '-') for k in run.ignored)}")
+    if not run.dist.main:
         console.set_level(quiet=True)
-    console.detail(f"reading the training data ({opts.get('images')})")
-    tc, net_config, train_samples, val_samples, norm, class_names, augment_cfg, data_note = \
-        training.prepare(opts, dist=dist, cache_dir=(run_dir / "weights") if dist.main else None)
-    arch = [k for k in ("base", "depth", "padding", "batchnorm", "dropout") if k in opts]
-    if "init" in opts and arch and resume is None:
+    arch = [k for k in runconfig.NETWORK_OPTIONS if k in run.opts]
+    if "init" in run.opts and arch and resume is None:
         console.warn(f"--init takes the network from the model file; ignoring "
                      f"{', '.join('--' + a for a in arch)}")
-    console.detail(f"{len(train_samples)} training and {len(val_samples)} validation images; "
-                   f"network {net_config}; tile {tc.tile}")
-
-    if dist.main and resume is None:
-        import datetime
-
-        from unetcli import __version__
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        training.write_json(run_dir / "config.json", {
-            "command": sys.argv, "options": opts, "train": tc.to_dict(), "network": net_config.to_dict(),
-            "augment": _as_dict(augment_cfg), "normalization": norm, "class_names": class_names,
-            "seed": tc.seed, "data": data_note, "world_size": dist.world, "unet_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        })
-
+    p = run.prepared
+    console.detail(f"{len(p.train_samples)} training and {len(p.val_samples)} validation images; "
+                   f"network {p.net_config}; tile {p.train_config.tile}")
     stop = training.StopFlag()
-    previous = {}
+    previous = _stop_on_signals(stop)
+    try:
+        with run, console.progress(p.train_config.iterations, "training", keep=True) as advance:
+            result = training.train(p.train_config, p.net_config, p.train_samples, p.val_samples, run.run_dir,
+                                    normalization=p.normalization, class_names=p.class_names,
+                                    augment=p.augment, provenance=run.provenance, init=run.opts.get("init"),
+                                    resume=run.resume, dist=run.dist, stop=stop,
+                                    progress=_Report(advance, p.train_config.log_every))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if run.dist.main:
+        _summary(result, json_)
+
+
+def _given(values: dict) -> dict:
+    """The run options typed on the command line, keyed as ``runconfig.RUN_DEFAULTS`` (a parameter's
+    name without a trailing underscore): those whose value differs from the parameter's default."""
+    import inspect
+
+    from unetcli import runconfig
+
+    declared = inspect.signature(command).parameters
+    given = {}
+    for name, value in values.items():
+        key = name.rstrip("_")
+        if key in runconfig.RUN_DEFAULTS and value != declared[name].default:
+            given[key] = str(value) if isinstance(value, Path) else value
+    if "max_time" in given:
+        given["max_time"] = runconfig.parse_duration(given["max_time"])
+    return given
+
+
+def _stop_on_signals(stop) -> dict:
+    """Ctrl-C and SIGTERM set ``stop``: training ends after the current step, with a checkpoint. A second
+    one aborts at once (Ctrl-C: exit 130; SIGTERM: guards.Terminated, exit 143). Returns the previous
+    handlers."""
+    import os
+
+    from unetcli import guards
+
+    owner = os.getpid()
 
     def on_signal(signum, _frame):
+        if os.getpid() != owner:                   # a forked data-loader worker: die of the signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stop:
+            raise guards.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt
         name = signal.Signals(signum).name
-        if stop:                                   # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
         stop.set(name)
         console.warn(f"{name}: stopping after this step and writing the checkpoint "
                      "(press Ctrl-C again to abort)")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, on_signal)
-    provenance = {"command": " ".join(sys.argv), "data": data_note, "run_dir": str(run_dir)}
-    try:
-        with console.progress(tc.iterations, "training") as advance:
-            state = {"last": 0, "lines": 0}
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-            def report(ev: dict) -> None:
-                n = ev["step"] - state["last"]
-                state["last"] = ev["step"]
-                fields = {"loss": f"{ev['loss']:.4f}", "it/s": f"{ev['steps_per_s']:.2f}"}
-                fields.update({k: f"{v:.4f}" for k, v in ev["val"].items()})
-                if ev["remaining"] is not None:
-                    fields["left"] = _duration(ev["remaining"])
-                advance(n, **fields)
-                if not console.interactive() and ev["step"] % tc.log_every == 0:
-                    total = f"/{ev['total']}" if ev["total"] else ""
-                    console.info(f"step {ev['step']}{total}  " + "  ".join(f"{k} {v}" for k, v in fields.items()))
 
-            result = training.train(tc, net_config, train_samples, val_samples, run_dir,
-                                    normalization=norm, class_names=class_names, augment=augment_cfg,
-                                    provenance=provenance, init=opts.get("init"),
-                                    resume=resume is not None, dist=dist, progress=report, stop=stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if not dist.main:
-        return
-    summary = result.to_dict()
+class _Report:
+    """Progress of the training loop on stderr: the bar on a terminal, else a line per logged step."""
+
+    def __init__(self, advance, log_every: int):
+        self.advance, self.log_every, self.shown = advance, log_every, 0
+
+    def __call__(self, ev: dict) -> None:
+        fields = {"loss": f"{ev['loss']:.4f}", "it/s": f"{ev['steps_per_s']:.2f}"}
+        fields.update({k: f"{v:.4f}" for k, v in ev["val"].items()})
+        if ev["remaining"] is not None:
+            fields["left"] = _duration(ev["remaining"])
+        self.advance(ev["step"] - self.shown, **fields)
+        self.shown = ev["step"]
+        if not console.interactive() and ev["step"] % self.log_every == 0:
+            total = f"/{ev['total']}" if ev["total"] else ""
+            console.info(f"step {ev['step']}{total}  " + "  ".join(f"{k} {v}" for k, v in fields.items()))
+
+
+def _summary(result, json_: bool) -> None:
+    """The model paths (or the summary as JSON) on stdout, a line for a person on stderr."""
     if json_:
-        sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps(result.to_dict(), sort_keys=True) + "\n")
     else:
         sys.stdout.write(f"{result.best}\n{result.last}\n")
     best = (f"best {result.best_metric} {result.best_value:.4f} at step {result.best_step}"
             if result.best_value is not None else "no score yet")
-    console.info(f"{result.step} steps in {_duration(result.elapsed)}; {best}; run folder {run_dir}")
+    console.info(f"{result.step} steps in {_duration(result.elapsed)}; {best}; run folder {result.run_dir}")
     if result.interrupted:
-        console.info(f"interrupted ({result.interrupted}); continue with: unet train --resume {run_dir}")
+        console.info(f"interrupted ({result.interrupted}); continue with: unet train --resume {result.run_dir}")
         raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
-
-
-def _as_dict(obj) -> dict:
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(obj).items()}
-    return dict(getattr(obj, "__dict__", {}))
 
 
 def _duration(seconds: float) -> str:
