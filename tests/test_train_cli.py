@@ -201,3 +201,98 @@ def test_help_shows_examples(unet):
     assert r.code == 0
     for text in ("--images", "--resume", "--max-time", "--init", "torchrun", "Examples"):
         assert text in r.stdout
+
+
+# ------------------------------------------------------------------- issue 16 and 15: the run folder
+
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run_in_process(capfd, *args):
+    from conftest import Result
+    from unetcli.cli import run
+
+    code = run(["train", *map(str, args)])
+    captured = capfd.readouterr()
+    return Result(code, captured.out.encode(), captured.err.encode())
+
+
+def test_out_on_a_training_folder_is_refused_and_nothing_is_overwritten(tmp_path, capfd):
+    images, labels = make_data(tmp_path / "d", n=2)
+    before = _digest(tmp_path / "d")
+    for out in (images, labels, tmp_path / "d" / "images" / ".." / "labels"):
+        r = _run_in_process(capfd, "--images", images, "--labels", labels, "--out", out, "--iterations", "1", *TINY)
+        assert_one_line_error(r, "would overwrite the input")
+    assert _digest(tmp_path / "d") == before
+
+
+def test_a_failed_start_writes_nothing_and_the_corrected_rerun_works(tmp_path, capfd):
+    import torch
+
+    images, labels = make_data(tmp_path / "d", n=2)
+    out = tmp_path / "runs" / "x"
+    common = ["--images", images, "--labels", labels, "--out", out, "--iterations", "1", *TINY]
+    cases = [(["--workers", "100000"], "--workers 100000")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "--device cuda"), (["--precision", "fp16"], "fp16")]
+    for extra, fragment in cases:
+        assert_one_line_error(_run_in_process(capfd, *common, *extra), fragment)
+        assert not out.exists() and not out.parent.exists(), extra
+    # a start that fails after its checks (diverging at step 2) removes the records it wrote
+    diverging = ["1e30" if a == "0.01" else a for a in common]
+    assert_one_line_error(_run_in_process(capfd, *diverging, "--iterations", "5"), "diverged")
+    assert not {"config.json", "metrics.jsonl", "last.unet"} & {p.name for p in out.iterdir()}
+    r = _run_in_process(capfd, *common)
+    assert r.code == 0, r
+    # the command line as cli.run got it, never the test runner's argv
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"].startswith("unet train --images ") and config["created"].endswith("+00:00")
+    assert checkpoint.load_model(out / "last.unet").provenance["command"] == config["command"]
+
+
+def test_one_writer_per_run_folder(tmp_path, capfd):
+    from unetcli import guards
+
+    images, labels = make_data(tmp_path / "d", n=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["--images", images, "--labels", labels, "--out", out, "--iterations", "1", *TINY]
+    with guards.RunLock(out, what="unet train"):
+        r = run1("train", *args)                                 # another process: refused in one line
+        assert_one_line_error(r, "is in use by another unet train")
+        assert [p.name for p in out.iterdir()] == [guards.LOCK_NAME]
+    (out / guards.LOCK_NAME).write_text("999999\n")             # left by a killed run: stale, ignored
+    assert _run_in_process(capfd, *args).code == 0
+    assert not (out / guards.LOCK_NAME).exists()
+    with guards.RunLock(out, what="unet train"):
+        assert_one_line_error(run1("train", "--resume", out), "is in use by another unet train")
+
+
+def test_a_second_sigterm_ends_the_run_at_once(capfd):
+    from unetcli import guards, training
+    from unetcli.commands import train as train_command
+
+    stop = training.StopFlag()
+    previous = train_command._stop_on_signals(stop)
+    try:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)   # the first: stop after this step
+        assert stop.reason == "SIGTERM"
+        with pytest.raises(guards.Terminated):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert "SIGTERM: stopping after this step" in capfd.readouterr().err
+
+
+def test_each_option_is_named_once_with_its_default():
+    import inspect
+
+    from unetcli import runconfig
+    from unetcli.commands import train as train_command
+
+    params = {name.rstrip("_") for name in inspect.signature(train_command.command).parameters}
+    assert params - {"ctx", "out", "resume", "json"} == set(runconfig.RUN_DEFAULTS)

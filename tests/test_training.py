@@ -392,3 +392,64 @@ def test_val_split_and_val_images(tmp_path):
     assert note2["validation"] == ["s0", "s1"] and len(note2["train"]) == 4
     with pytest.raises(ConfigError, match="exclude each other"):
         runconfig.prepare(options(images, labels, val_split=0.5, val_index="1"))
+
+
+# ------------------------------------------------------------------------ schedule, progress, curves
+
+def test_validation_interval_scales_with_the_run():
+    assert recipe.validation_interval(None, 20) == 50          # a short run validates at its end only
+    assert recipe.validation_interval(None, 3000) == 300       # a tenth of a long one
+    assert recipe.validation_interval(7, 20) == 7              # --val-every wins
+    assert recipe.validation_interval(None, None) == 200       # only a time budget
+
+
+def test_a_short_run_validates_once_at_its_end(tmp_path):
+    images, labels = make_folder(tmp_path / "d", n=3)
+    result = run(options(images, labels, iterations=20, val_index="2", log_every=5), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [20]
+    assert result.best_step == 20 and (tmp_path / "run" / "best.unet").is_file()
+
+
+def test_progress_shows_the_logged_loss(tmp_path):
+    images, labels = make_folder(tmp_path / "d", n=2)
+    events = []
+    run(options(images, labels, iterations=7, log_every=3), tmp_path / "run", progress=events.append)
+    rows = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+    by_step = {e["step"]: e for e in events}
+    assert by_step[3]["loss"] == rows[3] and by_step[4]["loss"] == rows[3] and by_step[6]["loss"] == rows[6]
+    assert by_step[7]["loss"] == rows[7]                         # the last step is logged too
+    assert all(e["steps_per_s"] > 0 for e in events)             # a speed from the first step on
+
+
+def test_curves_have_a_panel_each_for_training_loss_validation_loss_and_metric(tmp_path):
+    from unetcli import runlog
+    from unetcli.images import read_image
+
+    rows = [{"kind": "train", "step": s, "loss": 2.0 / s} for s in range(1, 41)]
+    rows += [{"kind": "val", "step": s, "val_loss": 0.5 / s ** 0.5, "val_iou": 0.5 + s / 100} for s in (10, 20, 30, 40)]
+    runlog.draw_curves(tmp_path / "curves.png", rows, "iou")
+    img = read_image(tmp_path / "curves.png")[0]
+    assert img.shape == (420, 800, 3)
+    thirds = [img[:, i * 266:(i + 1) * 266].reshape(-1, 3) for i in range(3)]
+    colours = {"train": (31, 119, 180), "val": (255, 127, 14), "metric": (214, 39, 40)}
+
+    def has(part, rgb):
+        return bool(np.all(part == rgb, axis=1).sum() > 20)
+
+    assert [has(thirds[0], c) for c in colours.values()] == [True, False, False]
+    assert [has(thirds[1], c) for c in colours.values()] == [False, True, False]
+    assert [has(thirds[2], c) for c in colours.values()] == [False, False, True]
+
+
+def test_init_from_a_file_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
+    from unetcli.errors import ModelFileError
+    from unetcli.model import UNet
+
+    cfg = UNetConfig(base=4, depth=2, padding="same")
+    state = UNet(cfg).state_dict()
+    state["head.weight"] = torch.zeros(2, 8, 1, 1)              # the config says 4 input channels
+    checkpoint.save_model(tmp_path / "bad.unet", state, cfg)
+    with pytest.raises(ModelFileError, match="head.weight"):
+        training.build_network(cfg, seed=0, init=str(tmp_path / "bad.unet"))

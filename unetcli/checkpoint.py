@@ -357,7 +357,7 @@ def load_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
                              hint="the run folder's state is damaged; start a new run")
 
     def tensor(name: str):
-        return torch.from_numpy(np.ascontiguousarray(mf.tensors[name]))
+        return torch.from_numpy(np.require(mf.tensors[name], requirements="C"))   # 0-d stays 0-d
 
     model = {k.removeprefix("model/"): tensor(k) for k in mf.tensors if k.startswith("model/")}
     state = {int(i): {k: tensor(f"opt/{i}/{k}") if v == "tensor" else v for k, v in keys.items()}

@@ -125,7 +125,8 @@ def _panel(draw, box, span, points, title, ylabel, log, colour) -> None:
     for k in range(5):                                            # value ticks and grid lines
         y = top + k * (bottom - top) / 4
         level = hi - k * (hi - lo) / 4
-        draw.line([left + 1, y, right - 1, y], fill=_GRID)
+        if 0 < k < 4:
+            draw.line([left + 1, y, right - 1, y], fill=_GRID)
         draw.text((x0 + 4, y - 6), f"{10 ** level if log else level:.3g}", fill="black")
 
     def xy(step: float, value: float) -> tuple[float, float]:
