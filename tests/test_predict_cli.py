@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,12 @@ def test_stack_in_stack_out(run, tmp_path, models):
 def test_large_tiff_is_read_strip_by_strip(run, tmp_path, models, monkeypatch):
     import tifffile
 
-    from unetcli.commands import predict as command
+    from unetcli import pipeline
 
     stack = np.stack([_grey_image(150, 70, seed=s) for s in range(2)])
     tifffile.imwrite(tmp_path / "big.tif", stack, rowsperstrip=16, compression="zlib", metadata=None)
     assert run("predict", "big.tif", "-o", "whole.tif", "-m", models["grey"]).code == 0
-    monkeypatch.setattr(command, "STREAM_TIFF_BYTES", 0)          # as if it were huge
+    monkeypatch.setattr(pipeline, "STREAM_TIFF_BYTES", 0)          # as if it were huge
     assert run("predict", "big.tif", "-o", "rows.tif", "-m", models["grey"]).code == 0
     assert run("predict", "big.tif", "-o", "rows-p.tif", "-m", models["grey"], "--output-type", "probs").code == 0
     whole = read_image(tmp_path / "whole.tif")
@@ -310,6 +311,40 @@ def test_error_output_would_overwrite_input(run, tmp_path, models):
     result = run("predict", "in.tif", "-o", ".", "-m", models["grey"])
     assert_one_line_error(result, "overwrite")
     assert (tmp_path / "in.tif").read_bytes() == before
+
+
+def test_error_output_equal_to_the_input_leaves_it_unchanged(run, tmp_path, models):
+    write_image(tmp_path / "in.tif", _grey_image(20, 20))
+    before = (tmp_path / "in.tif").read_bytes()
+    assert_one_line_error(run("predict", "in.tif", "-o", "in.tif", "-m", models["grey"]), "in.tif", "overwrite")
+    os.link(tmp_path / "in.tif", tmp_path / "alias.tif")                # the same file under another name
+    assert_one_line_error(run("predict", "in.tif", "-o", "alias.tif", "-m", models["grey"]), "overwrite")
+    (tmp_path / "imgs").mkdir()
+    write_image(tmp_path / "imgs" / "a.png", _grey_image(20, 20))
+    assert_one_line_error(run("predict", "imgs", "-o", "imgs", "-m", models["grey"]), "input folder")
+    assert (tmp_path / "in.tif").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["a.png"]
+
+
+def test_error_too_many_threads(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(20, 20))
+    assert_one_line_error(run("predict", "in.png", "-o", "m.tif", "-m", models["grey"], "--threads", "100000"),
+                          "--threads 100000", "threads per core")
+    assert_one_line_error(run("predict", "in.png", "-o", "m.tif", "-m", models["grey"], "--threads", "0"),
+                          "--threads 0")
+    assert not (tmp_path / "m.tif").exists()
+
+
+@pytest.mark.parametrize("output_type, name", [("mask", "m.tif"), ("mask", "m.png"), ("probs", "p.tif"),
+                                               ("labels", "l.tif")])
+def test_error_non_finite_probabilities_are_not_written(run, tmp_path, models, monkeypatch, output_type, name):
+    from unetcli import inference
+
+    monkeypatch.setattr(inference, "lean_forward", lambda net, x: net(x) * float("nan"))
+    write_image(tmp_path / "in.png", _grey_image(20, 20))
+    result = run("predict", "in.png", "-o", name, "-m", models["grey"], "--output-type", output_type)
+    assert_one_line_error(result, name, "infinite or NaN")
+    assert not (tmp_path / name).exists() and not _leftovers(tmp_path)
 
 
 def test_error_bad_tile_and_options(run, tmp_path, models):

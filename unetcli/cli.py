@@ -78,21 +78,17 @@ def _split_global_flags(args: list[str]) -> tuple[list[str], set[str]]:
     return rest, seen
 
 
-ARGV: list[str] = ["unet"]    # the command line being run (recorded in provenance files)
-
-
 def run(args: list[str]) -> int:
     """Run the command line on ``args``; return the exit status instead of exiting.
 
     0 success; 1 an error, one line on stderr; 2 a usage error; 130 interrupted (Ctrl-C);
     141 stdout's reader went away (a broken pipe, quietly); 143 terminated (SIGTERM).
     """
-    global ARGV
     from unetcli import guards
 
     exits, aborts, usage_errors = _click_exceptions()
 
-    ARGV = ["unet", *map(str, args)]
+    argv = ["unet", *map(str, args)]    # the command line as given, global flags included
     args, flags = _split_global_flags(args)
     debug = "debug" in flags or os.environ.get("UNET_DEBUG", "") not in ("", "0")
     console.set_level(quiet="quiet" in flags, verbose="verbose" in flags)
@@ -112,7 +108,7 @@ def run(args: list[str]) -> int:
             # pipe into exit 1 before we could see them.
             command._main_shell_completion({}, "unet", None)
             # the command line travels to the commands as the context's obj (for provenance records)
-            with command.make_context("unet", list(args), obj={"argv": list(ARGV)}) as ctx:
+            with command.make_context("unet", list(args), obj={"argv": argv}) as ctx:
                 command.invoke(ctx)
             sys.stdout.flush()       # a full or closed stdout fails here, not at interpreter exit
         return 0

@@ -1,4 +1,4 @@
-"""`unet predict`: segment images with the overlap-tile strategy (options -> inference -> files)."""
+"""`unet predict`: segment images with the overlap-tile strategy (options -> ``pipeline.predict_files``)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from unetcli import console
-from unetcli.errors import ConfigError, ImageReadError, ImageShapeError, ImageWriteError, ModelFileError
+from unetcli.errors import ConfigError, ImageReadError, ImageWriteError, ModelFileError
 from unetcli.options import Device, Format, Model, Output
 
 NAME = "predict"
@@ -34,7 +33,6 @@ EPILOG = """Examples:
   unet predict images/ -o masks/ --provenance      # masks/NAME.tif + masks/NAME.tif.json"""
 
 DEFAULT_MODEL = "em-membranes"
-STREAM_TIFF_BYTES = 64 * 2**20   # TIFFs larger than this (decoded) are read strip by strip as needed
 OUTPUT_TYPES = ("probs", "mask", "labels")
 
 
@@ -122,10 +120,6 @@ def _outputs(inputs: list[str], output: Optional[Path], fmt: Optional[str], outp
             raise ImageWriteError(f"{text}: folder {folder} does not exist", hint="create it first")
         _check_writable(folder, text)
         outs = [text]
-    for inp, out in zip(inputs, outs):
-        if inp != "-" and Path(inp).exists() and Path(out).exists() and Path(inp).resolve() == Path(out).resolve():
-            raise ConfigError(f"{out}: the output would overwrite its own input", hint="write to another file or folder")
-
     for out in outs:
         kind = format_from_name(out)
         if kind not in ("tiff", "png"):
@@ -136,101 +130,9 @@ def _outputs(inputs: list[str], output: Optional[Path], fmt: Optional[str], outp
     return outs
 
 
-PROVENANCE_SUFFIX = ".json"
-
-
-def _sha256_file(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _environment() -> dict:
-    import platform
-
-    import numpy
-    import torch
-
-    from unetcli import __version__
-
-    return {"unet": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "platform": platform.platform()}
-
-
-def _write_provenance(out: str, record: dict) -> None:
-    """The JSON sidecar ``OUT.json`` of one output, written atomically after the output itself."""
-    import datetime
-    import json
-
-    from unetcli.images import write_bytes_atomic
-
-    record = dict(record)
-    record["output"] = dict(record["output"], path=os.path.abspath(out), sha256=_sha256_file(out))
-    record["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    text = json.dumps(record, indent=2) + "\n"
-    try:
-        write_bytes_atomic(out + PROVENANCE_SUFFIX, text.encode("utf-8"))
-    except OSError as exc:
-        raise ImageWriteError(f"{out}{PROVENANCE_SUFFIX}: cannot write ({exc.strerror})") from exc
-
-
 def _check_writable(folder: Path, name: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ImageWriteError(f"{name}: cannot write in {folder} (permission denied)")
-
-
-def _mask_strips(blocks, pages: int, height: int, width: int):
-    """Zlib-compressed TIFF strips of a uint8 class map, from row blocks as they are predicted."""
-    import zlib
-
-    import numpy as np
-
-    rows = max(1, min(height, (1 << 18) // max(width, 1)))
-    pending = np.empty((rows, width), np.uint8)
-    filled = 0
-    for _page, y0, block in blocks:
-        pos = 0
-        while pos < block.shape[0]:
-            take = min(rows - filled, block.shape[0] - pos)
-            pending[filled:filled + take] = block[pos:pos + take]
-            filled += take
-            pos += take
-            if filled == rows:
-                yield zlib.compress(pending.tobytes(), 6)
-                filled = 0
-        # a page ends with its own (shorter) strip: strips never straddle pages
-        if y0 + block.shape[0] == height and filled:
-            yield zlib.compress(pending[:filled].tobytes(), 6)
-            filled = 0
-
-
-def _write_mask_streaming(path: str, predictor, stack, reduce, held: int, pixel_size: dict | None = None) -> None:
-    """Predict and write a uint8 class map tile row by tile row; only one band is ever held. A
-    ``pixel_size`` is written as ImageJ calibration."""
-    import numpy as np
-    import tifffile
-
-    from unetcli.images import atomic_output
-
-    n, h, w = stack.shape[:3]
-    rows = max(1, min(h, (1 << 18) // max(w, 1)))
-    shape = (n, h, w) if n > 1 else (h, w)
-    blocks = predictor.iter_blocks(stack, reduce, np.uint8, held)
-    try:
-        with atomic_output(path) as tmp:
-            from unetcli import tiffmeta
-
-            calib = tiffmeta.imagej_options(np.zeros((n, 1, 1) if n > 1 else (1, 1), np.uint8),
-                                            "ZYX" if n > 1 else "YX", pixel_size)
-            calib.setdefault("metadata", None)
-            tifffile.imwrite(tmp, data=_mask_strips(blocks, n, h, w), shape=shape, dtype=np.uint8,
-                             compression="zlib", rowsperstrip=rows, photometric="minisblack", **calib)
-    except OSError as exc:
-        raise ImageWriteError(f"{path}: cannot write ({exc.strerror})") from exc
 
 
 def _describe(path: Path, summary: str) -> dict:
@@ -244,6 +146,7 @@ def _describe(path: Path, summary: str) -> dict:
 
 
 def command(
+    ctx: typer.Context,
     inputs: Optional[List[str]] = typer.Argument(
         None, metavar="IMAGE...", show_default=False,
         help="Images to segment (TIFF stacks are predicted slice by slice), folders of images, or '-' for stdin."),
@@ -307,15 +210,79 @@ def command(
              "parameter and the software versions, to audit a batch run later."),
 ) -> None:
     if list_models:
-        from unetcli.checkpoint import list_models as found
-
-        if json_:
-            sys.stdout.write(json.dumps([_describe(path, summary) for _name, path, summary in found()],
-                                        indent=1) + "\n")
-            return
-        for name, _path, summary in found():
-            typer.echo(f"{name}\t{summary}" if summary else name)
+        _list_models(json_)
         return
+    fmt = _check_options(inputs, output_type, fmt, threshold, min_size, seed, fill_holes, largest_component)
+    from unetcli import guards, normalize, pipeline
+
+    picked = normalize.parse_channels(channels)
+    budget = _parse_size(memory_budget)
+    if provenance and output is not None and str(output) == "-":
+        raise ConfigError("--provenance writes a file beside each output, and stdout is not a file",
+                          hint="write to a file (-o mask.tif) or leave --provenance out")
+    if threads is not None:
+        threads = guards.cap_threads(threads)
+
+    given = list(inputs)
+    inputs = _expand_inputs(given)
+    outs = _outputs(inputs, output, fmt, output_type)
+    sidecars = [o + pipeline.PROVENANCE_SUFFIX for o in outs if o != "-"] if provenance else []
+    guards.check_outputs(given, outs + sidecars)         # no output over an input or over another output
+    if fmt == "png" and output_type == "probs":
+        raise ImageWriteError("probabilities are float32 and need TIFF", hint="use --format tiff")
+    todo = [(i, o) for i, o in zip(inputs, outs) if not (skip_existing and o != "-" and Path(o).exists())]
+    for i, o in zip(inputs, outs):
+        if (i, o) not in todo:
+            console.info(f"{o}: exists, skipped")
+    if not todo:
+        return
+
+    mf = _load(model)
+    if picked is None and (mf.inputs or {}).get("channels"):
+        picked = [int(c) - 1 for c in mf.inputs["channels"]]
+    decode = _decoding(mf, output_type, threshold, seed, min_size)
+    if threshold is not None and mf.config.num_classes != 2 and output_type != "labels":
+        raise ConfigError(f"--threshold applies to two-class models; {mf.name} has {mf.config.num_classes} classes",
+                          hint="leave --threshold out: each pixel gets its most probable class")
+    from unetcli.inference import load_predictor
+
+    predictor = load_predictor(mf, device=device, tile=tile, batch=batch, precision=precision, tta=tta,
+                               memory_budget=budget, overlap=overlap, blend=blend, threads=threads)
+    console.detail(f"model {mf.name} ({mf.path}); device {predictor.device}, precision {precision}, "
+                   f"{'valid' if mf.config.padding == 'valid' else 'same'} padding")
+
+    # '-' is resolved here: the core reads bytes and writes to a stream
+    jobs = [pipeline.Job(guards.read_stdin_once() if i == "-" else i, sys.stdout.buffer if o == "-" else o)
+            for i, o in todo]
+    record = None
+    if provenance:
+        argv = (ctx.obj or {}).get("argv") or ["unet"]     # handed down by cli.run
+        record = {"command": argv, "parameters": {
+            "output_type": output_type, "threshold": threshold, "min_size": min_size, "fill_holes": fill_holes,
+            "largest_component": largest_component, "tta": tta, "tile": tile, "batch": batch,
+            "memory_budget": memory_budget, "overlap": overlap, "blend": blend, "device": device,
+            "precision": precision, "threads": threads, "format": fmt, "skip_existing": skip_existing}}
+    settings = pipeline.Output(kind=output_type, threshold=threshold, min_size=min_size, fill_holes=fill_holes,
+                               largest_component=largest_component, decode=decode, fmt=fmt)
+    pipeline.predict_files(jobs, predictor, mf, settings, channels=picked, provenance=record,
+                           on_written=_print_path, on_done=_report, on_note=_note, progress=console.progress)
+
+
+def _list_models(as_json: bool) -> None:
+    """``--list-models``: one name (and summary) a line, or one JSON array with each model's records."""
+    from unetcli.checkpoint import list_models as found
+
+    if as_json:
+        sys.stdout.write(json.dumps([_describe(path, summary) for _name, path, summary in found()],
+                                    indent=1) + "\n")
+        return
+    for name, _path, summary in found():
+        typer.echo(f"{name}\t{summary}" if summary else name)
+
+
+def _check_options(inputs, output_type: str, fmt: str | None, threshold, min_size, seed, fill_holes: bool,
+                   largest_component: bool) -> str | None:
+    """Refuse contradictory or out-of-range options; return the output format ('tiff', 'png' or None)."""
     if not inputs:
         raise ConfigError("no input images given", hint="unet predict IMAGE... -o OUTPUT (see --help)")
     if output_type not in OUTPUT_TYPES:
@@ -333,210 +300,35 @@ def command(
         raise ConfigError(f"--min-size must be at least 0, not {min_size}")
     if seed is not None and output_type != "labels":
         raise ConfigError("--seed-threshold applies to --output-type labels")
-    from unetcli import normalize
+    return fmt
 
-    picked = normalize.parse_channels(channels)
-    budget = _parse_size(memory_budget)
-    if provenance and output is not None and str(output) == "-":
-        raise ConfigError("--provenance writes a file beside each output, and stdout is not a file",
-                          hint="write to a file (-o mask.tif) or leave --provenance out")
 
-    inputs = _expand_inputs(list(inputs))
-    outs = _outputs(inputs, output, fmt, output_type)
-    if fmt == "png" and output_type == "probs":
-        raise ImageWriteError("probabilities are float32 and need TIFF", hint="use --format tiff")
-    todo = [(i, o) for i, o in zip(inputs, outs) if not (skip_existing and o != "-" and Path(o).exists())]
-    for i, o in zip(inputs, outs):
-        if (i, o) not in todo:
-            console.info(f"{o}: exists, skipped")
-    if not todo:
-        return
+def _decoding(mf, output_type: str, threshold, seed, min_size):
+    """Labels: the model's tuned instance decoding with the flags given on top; else None."""
+    if output_type != "labels":
+        return None
+    from unetcli.instances import DecodeParams
 
-    mf = _load(model)
-    if picked is None and (mf.inputs or {}).get("channels"):
-        picked = [int(c) - 1 for c in mf.inputs["channels"]]
-    decode = None
-    if output_type == "labels":
-        from unetcli.instances import DecodeParams
+    tuned = DecodeParams.from_dict(mf.postprocess)
+    changes = {k: v for k, v in (("threshold", threshold), ("seed", seed), ("min_size", min_size)) if v is not None}
+    decode = DecodeParams.from_dict({**tuned.to_dict(), **changes})
+    if mf.postprocess:
+        console.detail(f"instance decoding {decode.to_dict()} (tuned values of {mf.name}, flags override)")
+    return decode
 
-        tuned = DecodeParams.from_dict(mf.postprocess)
-        changes = {k: v for k, v in (("threshold", threshold), ("seed", seed), ("min_size", min_size))
-                   if v is not None}
-        decode = DecodeParams.from_dict({**tuned.to_dict(), **changes})
-        if mf.postprocess:
-            console.detail(f"instance decoding {decode.to_dict()} (tuned values of {mf.name}, flags override)")
-    if threshold is not None and mf.config.num_classes != 2 and output_type != "labels":
-        raise ConfigError(f"--threshold applies to two-class models; {mf.name} has {mf.config.num_classes} classes",
-                          hint="leave --threshold out: each pixel gets its most probable class")
-    import numpy as np
 
-    from unetcli.images import read_image, write_image
-    from unetcli.images import TIFF, format_from_name
-    from unetcli.inference import TiffRows, load_predictor, probs_to_mask
-    from unetcli.postprocess import clean
+def _print_path(path: str) -> None:
+    """A finished output's path on stdout: data for pipelines."""
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
 
-    predictor = load_predictor(mf, device=device, tile=tile, batch=batch, precision=precision, tta=tta,
-                               memory_budget=budget, overlap=overlap, blend=blend, threads=threads)
-    console.detail(f"model {mf.name} ({mf.path}); device {predictor.device}, precision {precision}, "
-                   f"{'valid' if mf.config.padding == 'valid' else 'same'} padding")
 
-    def reduce(p):
-        return probs_to_mask(p, threshold)
+def _report(r) -> None:
+    n, h, w = r.shape
+    pages = f", {n} pages" if n > 1 else ""
+    console.info(f"{r.input} -> {r.output} ({h}x{w}{pages}, tile {r.tile[0]}x{r.tile[1]}, {r.tiles} tiles, "
+                 f"{r.seconds:.1f} s)")
 
-    def load(path: str):
-        digest = size = raw = None
-        if provenance:
-            import hashlib
 
-            if path == "-":
-                raw = sys.stdin.buffer.read()
-                digest, size = hashlib.sha256(raw).hexdigest(), len(raw)
-            else:
-                digest, size = _sha256_file(path), os.path.getsize(path)
-        arr = None
-        if path != "-" and (format_from_name(path) == TIFF or Path(path).suffix == ""):
-            arr = TiffRows.open(path, min_bytes=STREAM_TIFF_BYTES)   # huge striped TIFF: rows on demand
-        if arr is None:                                              # anything else (or errors): whole
-            arr = read_image(path, stdin_bytes=raw)
-        name = "<stdin>" if path == "-" else path
-        if isinstance(arr, np.ndarray) and (picked is not None or arr.shape[-1] != mf.config.in_channels):
-            arr, note = normalize.adapt_channels(arr, mf.config.in_channels, picked, name)
-            if note:
-                console.detail(note)
-        if isinstance(arr, np.ndarray) and arr.shape[-1] == mf.config.in_channels:
-            warning = normalize.range_warning(mf.normalization, arr, (mf.inputs or {}).get("dtype"), name)
-            if warning:
-                console.warn(warning)
-        if arr.shape[-1] != mf.config.in_channels:
-            if hasattr(arr, "close"):
-                arr.close()
-            raise ImageShapeError(f"{name}: has {arr.shape[-1]} channel(s), the model {mf.name} takes "
-                                  f"{mf.config.in_channels}",
-                                  hint=("convert it to grey" if mf.config.in_channels == 1
-                                        else f"give images with {mf.config.in_channels} channels"))
-        return arr, digest, size
-
-    from unetcli import cli
-
-    environment = _environment() if provenance else None
-    parameters = {"output_type": output_type, "threshold": threshold, "min_size": min_size,
-                  "fill_holes": fill_holes, "largest_component": largest_component, "tta": tta,
-                  "tile": tile, "batch": batch, "memory_budget": memory_budget, "overlap": overlap,
-                  "blend": blend, "device": device, "precision": precision, "threads": threads,
-                  "format": fmt, "skip_existing": skip_existing}
-    model_record = {"name": mf.name, "path": str(mf.path.resolve()) if mf.path else None, "sha256": mf.sha256,
-                    "config": mf.config.to_dict(), "trained": mf.provenance}
-
-    def record(inp, out, stack, digest, size, plan, start, dtype) -> dict:
-        """Everything that made this output, except the output's own hash (added once it is written)."""
-        n, h, w, c = stack.shape
-        batch_used = predictor.batch_for(plan, plan.count * n)
-        used = dict(parameters, tile_used=list(plan.tile), tiles=plan.count * n, batch_used=batch_used,
-                    device_used=str(predictor.device), threads_used=predictor.threads_for(plan, batch_used))
-        return {"input": {"path": "<stdin>" if inp == "-" else os.path.abspath(inp), "sha256": digest,
-                          "bytes": size, "shape": [n, h, w, c], "dtype": stack.dtype.name},
-                "output": {"type": output_type, "dtype": dtype,
-                           "format": "png" if out.lower().endswith(".png") else "tiff"},
-                "model": model_record, "parameters": used, "environment": environment,
-                "command": list(cli.ARGV),
-                "seconds": round(time.perf_counter() - start, 3)}
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    def finish(job) -> None:
-        """Wait for a background write, then print its path on stdout (data for pipelines)."""
-        if job is not None:
-            job[0].result()
-            if job[2] is not None:
-                _write_provenance(job[1], job[2])
-            sys.stdout.write(f"{job[1]}\n")
-            sys.stdout.flush()
-
-    def predict_one(stack, digest, size, inp: str, out: str, written, writer):
-        """Predict one input and write (or start writing) its output; returns the write in flight."""
-        n, h, w = stack.shape[:3]
-        streamed = output_type == "mask" and not post and out != "-" and out.lower().endswith((".tif", ".tiff"))
-        # host bytes per pixel of the result kept whole (the streamed mask keeps one band only)
-        per_pixel = {"probs": 4 * mf.config.num_classes, "mask": 0 if streamed else 1,
-                     "labels": 4 * mf.config.num_classes + 4}[output_type]
-        held = predictor.held_bytes(stack, per_pixel)
-        plan = predictor.plan(h, w, held)
-        name = "<stdin>" if inp == "-" else inp
-        from unetcli import tiffmeta
-
-        calibration = None if inp == "-" else tiffmeta.pixel_size(inp)
-        start = time.perf_counter()
-        data = None
-        with console.progress(plan.count * n * (8 if tta else 1), f"{Path(name).name}") as advance:
-            last = [0]
-
-            def tick(done, total):
-                advance(done - last[0] if done >= last[0] else done)
-                last[0] = done
-
-            predictor.progress = tick
-            if streamed:
-                finish(written)
-                written = None
-                _write_mask_streaming(out, predictor, stack, reduce, held, calibration)
-                if provenance:
-                    _write_provenance(out, record(inp, out, stack, digest, size, plan, start, "uint8"))
-                sys.stdout.write(f"{out}\n")
-                sys.stdout.flush()
-            elif output_type == "probs":
-                probs = predictor.predict(stack, held)                     # (N, K, H, W)
-                data, layout = probs.reshape(n * probs.shape[1], h, w), "ZYX"
-            elif output_type == "labels":
-                from unetcli.instances import decode_image
-
-                probs = predictor.predict(stack, held)                     # (N, K, H, W)
-                labs = [decode_image(p, decode, fill=fill_holes, largest=largest_component) for p in probs]
-                del probs
-                dtype = np.uint32 if any(lab.dtype == np.uint32 for lab in labs) else np.uint16
-                data = np.stack([lab.astype(dtype) for lab in labs])
-                data, layout = (data[0], "YX") if n == 1 else (data, "ZYX")
-            else:
-                masks = np.empty((n, h, w), np.uint8)
-                for page, y0, block in predictor.iter_blocks(stack, reduce, np.uint8, held):
-                    masks[page, y0:y0 + block.shape[0]] = block
-                if post:
-                    masks = np.stack([clean(m, fill=fill_holes, min_size=min_size or 0, largest=largest_component)
-                                      for m in masks])
-                data, layout = (masks[0], "YX") if n == 1 else (masks, "ZYX")
-        secs = time.perf_counter() - start
-        if data is not None:
-            finish(written)                            # one write in flight at a time
-            written = None
-            if out == "-":
-                write_image("-", data, layout, fmt=fmt or "tiff", pixel_size=calibration,
-                            classes=mf.config.num_classes if output_type == "probs" else None)
-            else:
-                rec = record(inp, out, stack, digest, size, plan, start, data.dtype.name) if provenance else None
-                written = (writer.submit(write_image, out, data, layout, pixel_size=calibration,
-                                         classes=mf.config.num_classes if output_type == "probs" else None),
-                           out, rec)
-        pages = f", {n} pages" if n > 1 else ""
-        console.info(f"{name} -> {'<stdout>' if out == '-' else out} ({h}x{w}{pages}, "
-                     f"tile {plan.tile[0]}x{plan.tile[1]}, {plan.count * n} tiles, {secs:.1f} s)")
-        return written
-
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
-        ahead = reader.submit(load, todo[0][0])       # reading the next file overlaps the current one
-        written = None                                # (future, path, provenance) of the write in flight
-        stack = None
-        try:
-            for idx, (inp, out) in enumerate(todo):
-                stack, digest, size = ahead.result()
-                if idx + 1 < len(todo):
-                    ahead = reader.submit(load, todo[idx + 1][0])
-                try:
-                    written = predict_one(stack, digest, size, inp, out, written, writer)
-                finally:
-                    if hasattr(stack, "close"):
-                        stack.close()
-            finish(written)
-        finally:                                      # a source opened ahead and never used
-            if ahead.done() and not ahead.cancelled() and ahead.exception() is None:
-                nxt = ahead.result()[0]
-                if nxt is not stack and hasattr(nxt, "close"):
-                    nxt.close()
+def _note(level: str, text: str) -> None:
+    (console.warn if level == "warn" else console.detail)(text)
