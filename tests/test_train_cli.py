@@ -296,3 +296,28 @@ def test_each_option_is_named_once_with_its_default():
 
     params = {name.rstrip("_") for name in inspect.signature(train_command.command).parameters}
     assert params - {"ctx", "out", "resume", "json"} == set(runconfig.RUN_DEFAULTS)
+
+
+def test_help_states_the_defaults_of_the_table():
+    import re
+
+    import typer
+
+    from unetcli import runconfig
+    from unetcli.cli import app
+
+    checked = 0
+    for param in typer.main.get_command(app).commands["train"].params:
+        found = re.search(r"\[default: ([^\]]+)\]", param.help or "")
+        default = runconfig.RUN_DEFAULTS.get(param.name.rstrip("_"))
+        if found is None or default is None:
+            continue
+        text = found.group(1)
+        if isinstance(default, bool):
+            assert text == (param.opts if default else param.secondary_opts)[0].lstrip("-"), param.name
+        elif isinstance(default, (int, float)):
+            assert float(text) == default, param.name
+        else:
+            assert text == default, param.name
+        checked += 1
+    assert checked >= 20

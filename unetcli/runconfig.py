@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from unetcli import checkpoint, weightmap
 from unetcli.errors import ConfigError
-from unetcli.model import UNetConfig, check_tile
+from unetcli.netspec import UNetConfig, check_tile
 from unetcli.validation import METRICS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -170,7 +170,7 @@ def record_of(obj) -> dict:
 def default_tile(net_config: UNetConfig, samples) -> int:
     """572 for the paper's network (388 output), else the valid tile whose output is nearest 388;
     smaller when every training image is smaller than that output."""
-    from unetcli.model import output_size, valid_input_sizes
+    from unetcli.netspec import output_size, valid_input_sizes
 
     want = min(388, max(max(s.target.shape) for s in samples))
     sizes = valid_input_sizes(net_config, 1, 2048)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from unetcli import checkpoint, devices, guards, runlog, validation
-from unetcli.errors import ConfigError
+from unetcli.errors import ConfigError, RunFolderError  # noqa: F401  (RunFolderError: importable here, as in 0.2)
 from unetcli.model import UNet, UNetConfig, check_tile
 from unetcli.recipe import lr_factor, make_optimizer, schedule_length, validation_interval, weighted_loss
 from unetcli.runconfig import TrainConfig

@@ -188,8 +188,9 @@ def command(
     console.detail(f"reading the training data ({given.get('images') or resume})")
     run = runfolder.open_run(given, out=out, resume=resume, command=(ctx.obj or {}).get("argv"))
     if run.ignored:
+        spelled = {param.name.rstrip("_"): param.opts[0] for param in ctx.command.params}
         console.warn(f"--resume continues the run as configured; ignoring "
-                     f"{', '.join('--' + k.replace('_', '-') for k in run.ignored)}")
+                     f"{', '.join(spelled.get(k, k) for k in run.ignored)}")
     if not run.dist.main:
         console.set_level(quiet=True)
     arch = [k for k in runconfig.NETWORK_OPTIONS if k in run.opts]
