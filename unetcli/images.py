@@ -69,6 +69,23 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
                   if not f.name.startswith(".") and f.is_file() and is_image_path(f))
 
 
+def expand_folders(args: list[str]) -> list[str]:
+    """Input arguments with every folder replaced by its :func:`image_files` (``-`` and files kept).
+
+    Raises ImageReadError for a folder that holds no image file.
+    """
+    out: list[str] = []
+    for arg in args:
+        if arg != "-" and Path(arg).is_dir():
+            found = [str(f) for f in image_files(arg)]
+            if not found:
+                raise ImageReadError(f"{arg}: folder holds no image files (.tif, .png, .jpg, .bmp)")
+            out.extend(found)
+        else:
+            out.append(arg)
+    return out
+
+
 def available_memory() -> int:
     """Bytes of memory the system can still give us (MemAvailable on Linux)."""
     try:

@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from unetcli import console
-from unetcli.errors import ConfigError, ImageReadError, ImageWriteError, ModelFileError
+from unetcli.errors import ConfigError, ImageWriteError, ModelFileError
 from unetcli.options import Device, Format, Model, Output
 
 NAME = "predict"
@@ -50,21 +50,11 @@ def _parse_size(text: str | None) -> int | None:
 
 
 def _expand_inputs(inputs: list[str]) -> list[str]:
-    from unetcli.images import image_files
+    from unetcli.images import expand_folders
 
     if "-" in inputs and len(inputs) > 1:
         raise ConfigError("'-' (stdin) must be the only input", hint="give either files or '-'")
-    out: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if item != "-" and p.is_dir():
-            found = [str(f) for f in image_files(p)]
-            if not found:
-                raise ImageReadError(f"{item}: folder holds no image files (.tif, .png, .jpg, .bmp)")
-            out.extend(found)
-        else:
-            out.append(item)
-    return out
+    return expand_folders(inputs)
 
 
 def _load(model_name: Optional[str]):

@@ -77,7 +77,7 @@ def command(
     from unetcli import console
     from unetcli.errors import ConfigError, LabelError
     from unetcli.guards import check_finite, check_memory, check_outputs, declared_shape, read_stdin_once
-    from unetcli.images import TIFF, format_from_name, image_files, read_image, write_image
+    from unetcli.images import TIFF, expand_folders, format_from_name, read_image, write_image
     from unetcli.labels import label_planes, num_classes, parse_values, training_target
     from unetcli.weightmap import class_counts, class_weights_for, largest_window, peak_bytes, weight_map
     from unetcli.weightmap import preview as preview_picture
@@ -98,18 +98,8 @@ def command(
     k = num_classes(cls)
 
     # ---- inputs and where their outputs go
-    inputs: list[str] = []
-    expanded = False
-    for arg in labels:
-        p = Path(arg)
-        if arg != "-" and p.is_dir():
-            found = [str(f) for f in image_files(p)]
-            if not found:
-                raise ConfigError(f"{arg}: folder holds no image files (.tif, .png, .jpg, .bmp)")
-            inputs.extend(found)
-            expanded = True
-        else:
-            inputs.append(arg)
+    inputs = expand_folders(labels)
+    expanded = any(arg != "-" and Path(arg).is_dir() for arg in labels)
     if "-" in inputs and len(inputs) > 1:
         raise ConfigError("'-' (stdin) can only be the one input")
     several = len(inputs) > 1 or expanded
