@@ -71,7 +71,7 @@ def test_threads_rule(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert devices.auto_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "zero")
-    assert devices.auto_threads() == devices.cpu_threads() >= 1
+    assert devices.auto_threads() == devices.cpu_cores() >= 1
     assert devices.threads_for_work(1e3) == 1                       # too little work to share
     assert devices.threads_for_work(1e12, auto=5) == 5
     assert devices.threads_for_work(1e3, given=7) == 7               # what the user gave wins

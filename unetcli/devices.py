@@ -25,6 +25,7 @@ import os
 import torch
 
 from unetcli.errors import ConfigError
+from unetcli.guards import cpu_cores   # the cores of this process's affinity mask: one rule, in guards
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SMALL_LAYER_FLOPS = 5e7  # below this many FLOPs per layer call, one CPU thread beats several
@@ -119,21 +120,13 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 # ------------------------------------------------------------------------------------------ threads
 
-def cpu_threads() -> int:
-    """CPU cores this process may run on (its affinity mask)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def auto_threads() -> int:
     """Threads for large convolutions: ``OMP_NUM_THREADS`` if set, else one per core of this process's
     affinity mask."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return cpu_threads()
+    return cpu_cores()
 
 
 def threads_for_work(flops_per_layer: float, given: int | None = None, auto: int | None = None) -> int:

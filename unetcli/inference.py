@@ -443,8 +443,8 @@ def predict_proba(net: nn.Module, image: np.ndarray, *, config: UNetConfig, tile
     The network is borrowed: it is put in eval mode (dropout off) and on ``device`` for the call, then
     returned to its former mode and device, so a training loop can validate with it. Its weights'
     memory layout may become channels-last, which changes no result. ``precision`` also takes 'auto'
-    (bf16 on a CUDA GPU that has it, else fp32); a reduced precision the device does not compute
-    natively falls back to fp32 here (the command line refuses it instead).
+    (bf16 on a CUDA GPU that has it, else fp32); a reduced precision that ``devices.resolve_precision``
+    refuses on this device falls back to fp32 here (the command line refuses it instead).
     """
     image = np.asarray(image)
     if image.ndim != 3:
