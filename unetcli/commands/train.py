@@ -238,17 +238,9 @@ def _stop_on_signals(stop) -> dict:
     """Ctrl-C and SIGTERM set ``stop``: training ends after the current step, with a checkpoint. A second
     one aborts at once (Ctrl-C: exit 130; SIGTERM: guards.Terminated, exit 143). Returns the previous
     handlers."""
-    import os
-
     from unetcli import guards
 
-    owner = os.getpid()
-
     def on_signal(signum, _frame):
-        if os.getpid() != owner:                   # a forked data-loader worker: die of the signal
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         if stop:
             raise guards.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt
         name = signal.Signals(signum).name
