@@ -44,10 +44,12 @@ from unetcli.recipe import lr_factor, make_optimizer, schedule_length, validatio
 from unetcli.runconfig import TrainConfig
 
 
-# -------------------------------------------------------------------------------- devices, ranks
+# ------------------------------------------------------------------------------ processes, workers
 
 @dataclass
 class Dist:
+    """This process's place in a distributed run (rank 0 of 1 when not distributed)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
