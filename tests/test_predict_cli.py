@@ -70,6 +70,14 @@ def _leftovers(folder: Path) -> list[str]:
 
 # --------------------------------------------------------------------------------- the basic command
 
+
+def _class_pages(path) -> np.ndarray:
+    """A probabilities file (an ImageJ hyperstack, read as slices x (H, W, classes)) as the pages of
+    the flat layout: (slices x classes, H, W, 1), slice-major."""
+    probs = read_image(path)
+    n, h, w, k = probs.shape
+    return np.ascontiguousarray(np.moveaxis(probs, -1, 1)).reshape(n * k, h, w, 1)
+
 def test_exact_command_with_the_default_model(tmp_path, models, unet):
     """`unet predict in.tif -o mask.tif --tile 572`, as written, with em-membranes found by name."""
     users = tmp_path / "users"
@@ -135,7 +143,7 @@ def test_stack_in_stack_out(run, tmp_path, models):
         assert np.array_equal(masks[n, ..., 0], np.argmax(probs, 0))
     probs_run = run("predict", "stack.tif", "-o", "probs.tif", "-m", models["grey"], "--output-type", "probs")
     assert probs_run.code == 0
-    probs = read_image(tmp_path / "probs.tif")
+    probs = _class_pages(tmp_path / "probs.tif")
     assert probs.shape == (6, 64, 50, 1) and probs.dtype == np.float32   # slice-major: slice, class
     assert np.allclose(probs[0] + probs[1], 1, atol=1e-5)
 
@@ -154,7 +162,7 @@ def test_large_tiff_is_read_strip_by_strip(run, tmp_path, models, monkeypatch):
     whole = read_image(tmp_path / "whole.tif")
     assert whole.shape == (2, 150, 70, 1)
     assert np.array_equal(read_image(tmp_path / "rows.tif"), whole)
-    assert np.array_equal(np.argmax(read_image(tmp_path / "rows-p.tif")[..., 0].reshape(2, 2, 150, 70), 1),
+    assert np.array_equal(np.argmax(_class_pages(tmp_path / "rows-p.tif")[..., 0].reshape(2, 2, 150, 70), 1),
                           whole[..., 0])
 
 
@@ -204,7 +212,7 @@ def test_each_output_type(run, tmp_path, models):
     assert run("predict", "in.png", "-o", "probs.tif", "-m", m, "--output-type", "probs").code == 0
     assert run("predict", "in.png", "-o", "mask.png", "-m", m, "--output-type", "mask").code == 0
     assert run("predict", "in.png", "-o", "labels.tif", "-m", m, "--output-type", "labels").code == 0
-    probs = read_image(tmp_path / "probs.tif")[..., 0]
+    probs = _class_pages(tmp_path / "probs.tif")[..., 0]
     mask = read_image(tmp_path / "mask.png")[0, ..., 0]
     labels = read_image(tmp_path / "labels.tif")[0, ..., 0]
     assert probs.shape == (2, 90, 77) and probs.dtype == np.float32
@@ -218,7 +226,7 @@ def test_threshold(run, tmp_path, models):
     write_image(tmp_path / "in.png", _grey_image(60, 60, seed=5))
     assert run("predict", "in.png", "-o", "probs.tif", "-m", models["grey"], "--output-type", "probs").code == 0
     assert run("predict", "in.png", "-o", "t.tif", "-m", models["grey"], "--threshold", "0.3").code == 0
-    p1 = read_image(tmp_path / "probs.tif")[1, ..., 0]
+    p1 = _class_pages(tmp_path / "probs.tif")[1, ..., 0]
     mask = read_image(tmp_path / "t.tif")[0, ..., 0]
     assert np.array_equal(mask, (p1 > 0.3).astype(np.uint8))
     assert (mask != (p1 > 0.5)).any()               # the threshold did matter
@@ -247,7 +255,7 @@ def test_tta_option(run, tmp_path, models):
     write_image(tmp_path / "in.png", image)
     result = run("predict", "in.png", "-o", "p.tif", "-m", models["grey"], "--output-type", "probs", "--tta")
     assert result.code == 0, result
-    got = read_image(tmp_path / "p.tif")[..., 0]
+    got = _class_pages(tmp_path / "p.tif")[..., 0]
     ref = predict_image(load_model(models["grey"]), image[..., None], device="cpu", tta=True)
     assert np.abs(got - ref).max() <= 1e-5
 
@@ -260,8 +268,8 @@ def test_same_padding_model_and_options(run, tmp_path):
         result = run("predict", "in.png", "-o", f"{blend}.tif", "-m", model, "--tile", "32", "--overlap", "0.5",
                      "--blend", blend, "--output-type", "probs")
         assert result.code == 0, result
-    g = read_image(tmp_path / "gaussian.tif")
-    m = read_image(tmp_path / "mean.tif")
+    g = _class_pages(tmp_path / "gaussian.tif")
+    m = _class_pages(tmp_path / "mean.tif")
     assert g.shape == (2, 70, 45, 1) and np.abs(g - m).max() > 1e-4
 
 
@@ -426,3 +434,17 @@ def test_provenance_refuses_stdout(run, tmp_path, models):
     write_image(tmp_path / "in.png", _grey_image(20, 20))
     result = run("predict", "in.png", "-o", "-", "-m", models["grey"], "--provenance")
     assert_one_line_error(result, "stdout is not a file")
+
+
+def test_any_tile_fits_a_same_padding_model(run, tmp_path):
+    """`unet predict in.tif -o mask.tif --tile 572` works with every model: a same-padding network
+    rounds the tile to its multiple (said on -v); a valid-padding one still refuses a misfit."""
+    same = _save(tmp_path / "same.unet", UNetConfig(base=4, depth=2, dropout=0.0, padding="same"))
+    write_image(tmp_path / "in.tif", _grey_image(70, 45, seed=9))
+    r = run("predict", "in.tif", "-o", "a.tif", "-m", same, "--tile", "30", "-v")
+    assert r.code == 0, r
+    assert "rounded to 32x32" in r.stderr
+    assert run("predict", "in.tif", "-o", "b.tif", "-m", same, "--tile", "32").code == 0
+    assert np.array_equal(read_image(tmp_path / "a.tif"), read_image(tmp_path / "b.tif"))
+    valid = _save(tmp_path / "valid.unet", UNetConfig(base=4, depth=2, dropout=0.0))
+    assert_one_line_error(run("predict", "in.tif", "-o", "c.tif", "-m", valid, "--tile", "30"), "tile size 30")

@@ -240,6 +240,8 @@ def command(
                                memory_budget=budget, overlap=overlap, blend=blend, threads=threads)
     console.detail(f"model {mf.name} ({mf.path}); device {predictor.device}, precision {precision}, "
                    f"{'valid' if mf.config.padding == 'valid' else 'same'} padding")
+    if predictor.tile_note:
+        console.detail(predictor.tile_note)
 
     # '-' is resolved here: the core reads bytes and writes to a stream
     jobs = [pipeline.Job(guards.read_stdin_once() if i == "-" else i, sys.stdout.buffer if o == "-" else o)
