@@ -448,3 +448,37 @@ def test_any_tile_fits_a_same_padding_model(run, tmp_path):
     assert np.array_equal(read_image(tmp_path / "a.tif"), read_image(tmp_path / "b.tif"))
     valid = _save(tmp_path / "valid.unet", UNetConfig(base=4, depth=2, dropout=0.0))
     assert_one_line_error(run("predict", "in.tif", "-o", "c.tif", "-m", valid, "--tile", "30"), "tile size 30")
+
+
+def test_output_is_a_file_for_one_input_and_a_folder_only_when_named_so(run, tmp_path, models):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name, _grey_image(30, 30, seed=1))
+    r = run("predict", "a.png", "b.png", "-o", "single.tif", "-m", models["grey"])
+    assert_one_line_error(r, "one file", "single.tif")
+    assert not (tmp_path / "single.tif").exists()
+    r = run("predict", "a.png", "-o", "out.d/", "-m", models["grey"])     # a trailing slash: a folder
+    assert r.code == 0, r
+    assert (tmp_path / "out.d" / "a.tif").is_file()
+    r = run("predict", "a.png", "b.png", "-o", "masks", "-m", models["grey"])   # no extension: a folder
+    assert r.code == 0 and sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["a.tif", "b.tif"], r
+    r = run("predict", "a.png", "-o", "one.tif", "-m", models["grey"], "-v")
+    assert r.code == 0 and (tmp_path / "one.tif").is_file()
+    assert "1 tile," in r.stderr and "1 tiles" not in r.stderr
+
+
+def test_preview_draws_the_result_over_the_input(run, tmp_path, models):
+    write_image(tmp_path / "in.png", _grey_image(60, 50, seed=2))
+    r = run("predict", "in.png", "-o", "labels.tif", "--output-type", "labels", "--preview", "over.png",
+            "-m", models["grey"])
+    assert r.code == 0, r
+    assert r.stdout.split() == ["labels.tif", "over.png"]
+    over = read_image(tmp_path / "over.png")[0]
+    labels = read_image(tmp_path / "labels.tif")[0, ..., 0]
+    assert over.shape == (60, 50, 3) and over.dtype == np.uint8
+    red = (over[..., 0] == 255) & (over[..., 1] == 40) & (over[..., 2] == 0)
+    edges = np.zeros(labels.shape, bool)
+    edges[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edges[:-1] |= labels[:-1] != labels[1:]
+    assert edges.any() and np.array_equal(red, edges)
+    r = run("predict", "in.png", "-o", "m.tif", "--preview", "in.png", "-m", models["grey"])
+    assert r.code != 0 and read_image(tmp_path / "in.png").shape == (1, 60, 50, 1)   # never over an input

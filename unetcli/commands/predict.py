@@ -13,7 +13,7 @@ import typer
 
 from unetcli import console
 from unetcli.errors import ConfigError, ImageWriteError, ModelFileError
-from unetcli.options import Device, Format, Model, Output
+from unetcli.options import Device, Format, Model, OutputName, choices
 
 NAME = "predict"
 HELP = ("Segment images with the overlap-tile strategy and mirrored borders: any image size, any "
@@ -71,9 +71,13 @@ def _load(model_name: Optional[str]):
     return load_model(model_name)
 
 
-def _outputs(inputs: list[str], output: Optional[Path], fmt: Optional[str], output_type: str) -> list[str]:
+def _outputs(inputs: list[str], name: Optional[str], fmt: Optional[str], output_type: str) -> list[str]:
     """The output path of every input (or '-'); checks the folder up front so nothing is computed
-    for an output that cannot be written."""
+    for an output that cannot be written.
+
+    ``-o`` is a folder when it ends in '/', exists as a folder, or has no image extension; otherwise it
+    names one file, and several inputs into one file name are refused."""
+    output = None if name is None else Path(name)
     if output is None:
         if inputs == ["-"]:
             return ["-"]
@@ -85,8 +89,11 @@ def _outputs(inputs: list[str], output: Optional[Path], fmt: Optional[str], outp
         return ["-"]
     from unetcli.images import format_from_name
 
-    # a folder: several inputs, an existing folder, or a name without an image extension ('masks/')
-    folder_mode = len(inputs) > 1 or output.is_dir() or format_from_name(output) is None
+    # a folder: a name ending in '/', an existing folder, or a name without an image extension
+    folder_mode = text.endswith(("/", os.sep)) or output.is_dir() or format_from_name(output) is None
+    if not folder_mode and len(inputs) > 1:
+        raise ConfigError(f"{len(inputs)} inputs cannot all be written to one file, {text}",
+                          hint=f"give an output folder: -o {Path(text).stem}/")
     ext = ".png" if fmt == "png" else ".tif"
     if folder_mode:
         if output.exists() and not output.is_dir():
@@ -140,15 +147,15 @@ def command(
     inputs: Optional[List[str]] = typer.Argument(
         None, metavar="IMAGE...", show_default=False,
         help="Images to segment (TIFF stacks are predicted slice by slice), folders of images, or '-' for stdin."),
-    output: Output = None,
+    output_name: OutputName = None,
     model: Model = None,
     list_models: bool = typer.Option(False, "--list-models", help="List the models found by name and exit."),
     json_: bool = typer.Option(False, "--json", help="With --list-models: one JSON array of the models, "
                                "each with its classes, normalisation, inputs and tuned post-processing."),
     output_type: str = typer.Option(
-        "mask", "--output-type", metavar="probs|mask|labels",
-        help="probs: float32 class probabilities, one page per class; mask: the class map (uint8); "
-             "labels: instance labels, the connected components of the foreground classes (uint16/uint32)."),
+        "mask", "--output-type", metavar="probs|mask|labels", autocompletion=choices("probs", "mask", "labels"),
+        help="probs: float32 class probabilities (an ImageJ hyperstack, slices x classes); mask: the class "
+             "map (uint8); labels: instance labels (uint16/uint32), decoded with the model's tuned values."),
     threshold: Optional[float] = typer.Option(
         None, "--threshold", metavar="P",
         help="Two-class models: foreground where its probability exceeds P (default: the more probable "
@@ -187,11 +194,16 @@ def command(
                               help="Same-padding networks: how overlapping tiles are blended."),
     device: Device = "auto",
     precision: str = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
+                                  autocompletion=choices("fp32", "bf16", "fp16"),
                                   help="Arithmetic precision; bf16/fp16 only where the device supports them."),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N",
                                           help="CPU threads for the network (default: one per core; 1 for tiny "
                                                "networks)."),
     fmt: Format = None,
+    preview: Optional[Path] = typer.Option(
+        None, "--preview", metavar="PNG",
+        help="Also write a picture of the input with the mask's class borders or the instances' outlines "
+             "drawn in red (one input only)."),
     skip_existing: bool = typer.Option(False, "--skip-existing",
                                        help="Skip inputs whose output exists already (to restart a batch job)."),
     provenance: bool = typer.Option(
@@ -207,7 +219,7 @@ def command(
 
     picked = normalize.parse_channels(channels)
     budget = _parse_size(memory_budget)
-    if provenance and output is not None and str(output) == "-":
+    if provenance and output_name == "-":
         raise ConfigError("--provenance writes a file beside each output, and stdout is not a file",
                           hint="write to a file (-o mask.tif) or leave --provenance out")
     if threads is not None:
@@ -215,9 +227,14 @@ def command(
 
     given = list(inputs)
     inputs = _expand_inputs(given)
-    outs = _outputs(inputs, output, fmt, output_type)
+    outs = _outputs(inputs, output_name, fmt, output_type)
     sidecars = [o + pipeline.PROVENANCE_SUFFIX for o in outs if o != "-"] if provenance else []
-    guards.check_outputs(given, outs + sidecars)         # no output over an input or over another output
+    if preview is not None and (len(inputs) != 1 or outs == ["-"] or inputs == ["-"]):
+        raise ConfigError("--preview draws one input with its result: give one input file and an output file")
+    if preview is not None and Path(preview).suffix.lower() != ".png":
+        raise ConfigError(f"--preview {preview}: the picture is a PNG", hint="name it .png")
+    extra = [str(preview)] if preview is not None else []
+    guards.check_outputs(given, outs + sidecars + extra)  # no output over an input or over another output
     if fmt == "png" and output_type == "probs":
         raise ImageWriteError("probabilities are float32 and need TIFF", hint="use --format tiff")
     todo = [(i, o) for i, o in zip(inputs, outs) if not (skip_existing and o != "-" and Path(o).exists())]
@@ -258,6 +275,12 @@ def command(
                                largest_component=largest_component, decode=decode, fmt=fmt)
     pipeline.predict_files(jobs, predictor, mf, settings, channels=picked, provenance=record,
                            on_written=_print_path, on_done=_report, on_note=_note, progress=console.progress)
+    if preview is not None:
+        from unetcli.images import write_image
+        from unetcli.postprocess import overlay
+
+        write_image(preview, overlay(inputs[0], outs[0]), "YXC")
+        _print_path(str(preview))
 
 
 def _list_models(as_json: bool) -> None:
@@ -318,7 +341,7 @@ def _print_path(path: str) -> None:
 def _report(r) -> None:
     n, h, w = r.shape
     pages = f", {n} pages" if n > 1 else ""
-    console.info(f"{r.input} -> {r.output} ({h}x{w}{pages}, tile {r.tile[0]}x{r.tile[1]}, {r.tiles} tiles, "
+    console.info(f"{r.input} -> {r.output} ({h}x{w}{pages}, tile {r.tile[0]}x{r.tile[1]}, {r.tiles} tile{'' if r.tiles == 1 else 's'}, "
                  f"{r.seconds:.1f} s)")
 
 
