@@ -117,3 +117,13 @@ def test_every_option_is_in_the_man_pages():
             for opt in list(param.opts) + list(param.secondary_opts):
                 if opt.startswith("--") and opt != "--help":
                     assert opt in text, f"{opt} of unet {name} missing from man/unet-{name}.1"
+
+
+def test_help_shows_no_python_types(unet):
+    """Flags show no '<bool>', arguments no '<list[str]>', repeated arguments one '...' (issue 15)."""
+    for command in ("weights", "augment", "train", "predict", "evaluate"):
+        r = unet(command, "--help", env={"COLUMNS": "200"})
+        assert r.code == 0, r
+        for bad in ("<bool>", "<list", "<float>", "<int>", "<text>", "...]...", "<path>"):
+            assert bad not in r.stdout, (command, bad)
+    assert "[IMAGE]..." in unet("predict", "--help", env={"COLUMNS": "200"}).stdout

@@ -25,6 +25,29 @@ from unetcli import __version__, console
 from unetcli.commands import augment, evaluate, predict, train, weights
 from unetcli.errors import UnetError
 
+def _help_type(param, ctx, shown):
+    """What the help shows beside an option: its metavar, or its type as click names it (FLOAT,
+    INTEGER, TEXT); nothing for an on/off flag or an argument, whose name is shown already (typer
+    0.2x would print '<bool>', '<float>' and '<list[str]>' there)."""
+    import typer.core as tcore
+
+    if isinstance(param, tcore.TyperArgument) or getattr(param, "is_flag", False):
+        return None
+    if param.metavar is not None:
+        return param.metavar
+    label = shown(param, ctx)
+    return label.strip("<>").upper() if isinstance(label, str) else label
+
+
+def _patch_help() -> None:
+    import typer.core as tcore
+
+    for cls in (tcore.TyperOption, tcore.TyperArgument):
+        cls.display_type_rich = lambda self, ctx, _shown=cls.display_type_rich: _help_type(self, ctx, _shown)
+
+
+_patch_help()
+
 app = typer.Typer(
     name="unet",
     help="The U-Net of Ronneberger, Fischer and Brox (2015) for the command line: weight maps, "

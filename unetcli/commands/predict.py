@@ -145,7 +145,7 @@ def _describe(path: Path, summary: str) -> dict:
 def command(
     ctx: typer.Context,
     inputs: Optional[List[str]] = typer.Argument(
-        None, metavar="IMAGE...", show_default=False,
+        None, metavar="IMAGE", show_default=False,
         help="Images to segment (TIFF stacks are predicted slice by slice), folders of images, or '-' for stdin."),
     output_name: OutputName = None,
     model: Model = None,
