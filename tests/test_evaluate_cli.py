@@ -13,7 +13,8 @@ import pytest
 from conftest import assert_one_line_error
 from unetcli.images import read_image, write_image
 
-STABLE_BINARY = ["iou", "dice", "accuracy", "pixel_error", "iou_0", "iou_255", "dice_0", "dice_255",
+STABLE_BINARY = ["iou", "dice", "accuracy", "pixel_error", "iou_background", "iou_foreground",
+                 "dice_background", "dice_foreground",
                  "vrand", "vrand_split", "vrand_merge", "vinfo", "vinfo_split", "vinfo_merge",
                  "rand_error", "isbi_pixel_error", "precision", "recall", "f1", "ap", "seg"]
 
@@ -34,7 +35,7 @@ def test_folder_pairing_table_json_csv(unet, isbi_three, isbi_dir):
     assert r.code == 0, r
     lines = r.stdout.splitlines()
     assert any(ln.startswith("mean") for ln in lines) and sum(ln.startswith("0") for ln in lines) >= 3
-    assert "vrand" in r.stdout and "iou_255" in r.stdout
+    assert "vrand" in r.stdout and "iou_foreground" in r.stdout   # one naming for any two-class truth
 
     r = unet("evaluate", isbi_three, "--truth", truth, "--json")
     assert r.code == 0, r
@@ -54,7 +55,7 @@ def test_folder_pairing_table_json_csv(unet, isbi_three, isbi_dir):
     assert r.code == 0, r
     rows = list(csv.reader(io.StringIO(r.stdout)))
     assert rows[0] == ["name", "iou", "vrand", "ap"]
-    assert [row[0] for row in rows[1:]] == ["00.png", "01.png", "02.png", "mean"]
+    assert [row[0] for row in rows[1:]] == ["00.png", "01.png", "02.png"]   # data rows only, no 'mean' row
     assert all(float(v) == pytest.approx(1.0) for row in rows[1:] for v in row[1:])
 
 
@@ -146,3 +147,14 @@ def test_errors_are_one_line(unet, tmp_path, isbi_dir, isbi_three):
     bad_prob = tmp_path / "bad.tif"
     write_image(bad_prob, np.full((512, 512), 3.0, np.float32), "YX")
     assert_one_line_error(unet("evaluate", bad_prob, "--truth", truth), "bad.tif", "[0, 1]")
+
+
+def test_probability_membrane_is_refused_for_class_probabilities(unet, tmp_path):
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:15, 5:15] = 255
+    write_image(tmp_path / "truth.png", truth, "YX")
+    probs = np.stack([truth == 0, truth > 0]).astype(np.float32)         # two class pages
+    write_image(tmp_path / "probs.tif", probs, "ZYX")
+    r = unet("evaluate", tmp_path / "probs.tif", "--truth", tmp_path / "truth.png", "--probability", "membrane")
+    assert_one_line_error(r, "probs.tif", "2 class probabilities")
+    assert unet("evaluate", tmp_path / "probs.tif", "--truth", tmp_path / "truth.png").code == 0

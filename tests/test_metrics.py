@@ -443,7 +443,7 @@ def test_evaluate_chooses_one_threshold_for_the_set():
 def test_evaluate_kinds_and_errors():
     truth = two_cells()
     rep = M.evaluate([M.Pair("x", (truth > 0).astype(np.uint8)[..., None], truth)])   # class map 0/1
-    assert rep["mean"]["iou_255"] == 1 and rep["mean"]["vrand"] == pytest.approx(1)
+    assert rep["mean"]["iou_foreground"] == 1 and rep["mean"]["vrand"] == pytest.approx(1)
     assert rep["thresholds"] == {}
     assert "warping_error" not in rep["mean"]
     inst = M.label_components(truth > 0)

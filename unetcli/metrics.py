@@ -601,19 +601,9 @@ def truth_kind(truths: Sequence[np.ndarray], *, foreground: Sequence[int] | None
         fg = [v for v in values if v != 0]
         bg = [v for v in values if v == 0]
         kind = "binary" if len(fg) <= 1 else "instances"
-    if kind == "instances":
-        return kind, ["background", "foreground"], values
-    bg_name = str(int(bg[0])) if len(bg) == 1 else ("0" if not bg and (foreground is None or 0 not in foreground)
-                                                    else "background")
-    if len(fg) == 1:
-        fg_name = str(int(fg[0]))
-    elif not fg and foreground is not None and len(foreground) == 1:
-        fg_name = str(int(foreground[0]))
-    else:
-        fg_name = "foreground"
-    if fg_name == bg_name:
-        bg_name, fg_name = "background", "foreground"
-    return kind, [bg_name, fg_name], values
+    # one naming for two-class truth, whatever its label values (0/1, 0/255, instance ids): the class
+    # columns are iou_background, iou_foreground, dice_background, dice_foreground
+    return kind, ["background", "foreground"], values
 
 
 @dataclass
@@ -730,6 +720,13 @@ def evaluate(pairs: Sequence[Pair], *, metrics: str | None = None,
         raise ConfigError(f"--probability {probability}: choose object or membrane")
     if not pairs:
         raise ConfigError("nothing to evaluate: no prediction was given")
+    if probability == "membrane":
+        many = next((p for p in pairs if np.asarray(p.pred).dtype.kind == "f" and np.asarray(p.pred).shape[-1] >= 2),
+                    None)
+        if many is not None:
+            raise LabelError(f"{many.name}: --probability membrane describes a one-page probability map, but "
+                              f"this prediction holds {np.asarray(many.pred).shape[-1]} class probabilities",
+                              hint="leave --probability out: class probabilities say which class each is")
     truths = [np.asarray(p.truth) for p in pairs]
     kind, names, values = truth_kind(truths, foreground=foreground, classes=classes)
     groups, keys = metric_selection(metrics, kind)

@@ -62,7 +62,7 @@ def command(
         "--json", help="Print one JSON object: {\"images\": [...], \"mean\": {...}, \"thresholds\": {...}}.")]
         = False,
     as_csv: Annotated[bool, typer.Option(
-        "--csv", help="Print CSV: a header, one row per image and a 'mean' row.")] = False,
+        "--csv", help="Print CSV: a header and one row per image, nothing else (the mean: --json or the table).")] = False,
     output: options.Output = None,
 ) -> None:
     """Evaluate; print a table (or JSON/CSV) of the scores per image and their mean."""
@@ -250,7 +250,6 @@ def _csv(report: dict) -> str:
     writer.writerow(["name", *keys])
     for img in report["images"]:
         writer.writerow([img["name"], *(_cell(img["metrics"][k]) for k in keys)])
-    writer.writerow(["mean", *(_cell(report["mean"][k]) for k in keys)])
     return buf.getvalue()
 
 
