@@ -302,3 +302,12 @@ def test_outputs_get_the_usual_permissions(tmp_path):
 def test_missing_output_folder(tmp_path):
     with pytest.raises(ImageWriteError, match="does not exist"):
         images.write_image(tmp_path / "nope" / "x.tif", np.zeros((2, 2), np.uint8))
+
+
+def test_outputs_with_names_near_the_length_limit_are_written(tmp_path):
+    """A 255-byte file name is legal; the temporary name beside it must fit the limit too (issue 16)."""
+    for length in (242, 250, 255):
+        name = "a" * (length - 4) + ".tif"
+        images.write_image(tmp_path / name, np.zeros((4, 5), np.uint8), "YX")
+        assert (tmp_path / name).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -345,8 +345,12 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise ImageWriteError(f"{target}: folder {folder} does not exist", hint="create it first")
+    # the temporary name must fit the file system's 255-byte limit whatever the target's length:
+    # '.' + the name's first bytes + '.' + 8 random characters + '.part' + suffix
+    budget = 255 - len(f"..XXXXXXXX.part{suffix}".encode())
+    stem = target.name.encode()[:max(budget, 1)].decode("utf-8", "ignore")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".part{suffix}", dir=folder)
     except OSError as exc:
         raise ImageWriteError(f"{target}: cannot write in {folder} ({exc.strerror})") from exc
     os.close(fd)
