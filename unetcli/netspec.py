@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
 from unetcli.errors import ConfigError, TileSizeError
 
 PADDINGS = ("valid", "same")
+
+
+def refuse_unknown(data: Iterable[str], known: Iterable[str], what: str) -> None:
+    """The strict reading of a settings record: any key outside ``known`` is a ConfigError naming them all.
+
+    Shared by the configs read back from files and options (network, augmentation, training run), so
+    that a typo or a setting from a newer version is never dropped silently.
+    """
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown {what}: {', '.join(sorted(unknown))}")
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "UNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown network settings: {', '.join(sorted(unknown))}")
+        refuse_unknown(data, (f.name for f in dataclasses.fields(cls)), "network settings")
         return cls(**data)
 
 

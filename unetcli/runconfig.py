@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from unetcli import checkpoint, weightmap
 from unetcli.errors import ConfigError
-from unetcli.netspec import UNetConfig, check_tile
+from unetcli.netspec import UNetConfig, check_tile, refuse_unknown
 from unetcli.validation import METRICS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -267,9 +267,7 @@ def _weights_path(weights):
 
 def _checked_options(opts: dict) -> dict:
     """The options with their defaults filled in, after the checks that need no file."""
-    unknown = set(opts) - set(RUN_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown training options: {', '.join(sorted(unknown))}")
+    refuse_unknown(opts, RUN_DEFAULTS, "training options")
     o = {**RUN_DEFAULTS, **opts}
     if o["images"] is None or o["labels"] is None:
         raise ConfigError("give --images and --labels (or --resume RUN_DIR)")

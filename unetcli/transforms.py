@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from unetcli.errors import ConfigError, ImageShapeError, LabelError
+from unetcli.netspec import refuse_unknown
 from unetcli.tiling import mirror_index  # whole-sample mirroring, one rule with prediction's borders
 
 if TYPE_CHECKING:  # torch is imported only where the torch path runs
@@ -156,10 +157,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AugmentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown augmentation settings: {', '.join(sorted(unknown))}")
+        refuse_unknown(data, (f.name for f in dataclasses.fields(cls)), "augmentation settings")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
