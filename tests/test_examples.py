@@ -90,7 +90,7 @@ def make_files(root: Path) -> None:
     (root / "isbi2012").mkdir()
     write_image(root / "isbi2012" / "train-labels.tif", stack_lab, "ZYX")
     write_image(root / "pred.tif", stack_lab, "ZYX")
-    write_image(root / "probs.tif", np.stack([stack_lab[0] / 255.0, 1 - stack_lab[0] / 255.0]).astype(np.float32), "ZYX")
+    write_image(root / "probs.tif", (1 - stack_lab[0] / 255.0).astype(np.float32), "YX")   # membrane probability
     write_image(root / "labels.tif", stack_lab[0], "YX")
     write_image(root / "pred.png", lab, "YX")
     write_image(root / "truth.png", lab, "YX")
@@ -102,8 +102,11 @@ def make_files(root: Path) -> None:
         im, lb = _blobs(48, 56, 10 + i)
         for folder in ("images", "imgs", "mine", "new"):
             write_image(root / folder / f"s{i}.png", im, "YX")
-        for folder in ("labels", "truth", "predictions", "nuclei-pred", "mine-labels"):
+        for folder in ("labels", "truth", "predictions", "nuclei-pred"):
             write_image(root / folder / f"s{i}.png", lb, "YX")
+        # the fine-tuning example's three classes: 0 background, 1 nucleus, 2 its rim
+        rim = (lb > 0) & (np.pad(lb, 1, mode="edge")[:-2, 1:-1] != lb)
+        write_image(root / "mine-labels" / f"s{i}.png", np.where(rim, 2, (lb > 0).astype(np.uint8)).astype(np.uint8), "YX")
         write_image(root / "nuclei" / "labels" / f"s{i}.png", lb, "YX")
         e, el = _membranes(48, 56, 20 + i)
         write_image(root / "few" / f"e{i}.png", e, "YX")
@@ -168,7 +171,8 @@ def test_train_help_examples_run_in_order(files, tmp_path):
 def test_readme_pipeline_runs_as_pasted(files, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(files, work)
-    script = "\n".join(_shorter(ln) for ln in _readme_block("The whole pipeline").splitlines())
+    block = _readme_block("The whole pipeline").replace("\\\n", " ")     # join continued lines first
+    script = "\n".join(_shorter(ln) for ln in block.splitlines())
     r = _bash(script, work, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "scores.csv").read_text().count("\n") >= 2

@@ -177,9 +177,11 @@ def choose_tile(config: UNetConfig, height: int, width: int, budget: int, *, bat
     fits = mem <= budget
     if not fits.any():
         smallest = int(ys[0])
+        from unetcli.guards import format_bytes
+
         raise ConfigError(f"even the smallest tile ({smallest}x{int(xs[0])}) needs "
-                          f"{mem[0, 0] / 2**20:.0f} MiB, more than the memory budget of "
-                          f"{budget / 2**20:.0f} MiB", hint="raise --memory-budget or lower --batch")
+                          f"{format_bytes(float(mem[0, 0]))}, more than the memory budget of "
+                          f"{format_bytes(float(budget))}", hint="raise --memory-budget or lower --batch")
 
     def counts(length: int, sizes: np.ndarray) -> np.ndarray:
         n = []
