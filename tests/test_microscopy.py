@@ -279,3 +279,14 @@ def test_probabilities_are_an_imagej_hyperstack_of_slices_and_classes(tmp_path, 
     r = unet("evaluate", "probs.tif", "--truth", "truth.tif", "--metrics", "iou", "--json", cwd=tmp_path)
     assert r.code == 0, r
     assert len(json.loads(r.stdout)["images"]) == 3
+
+
+def test_untuned_decoding_ignores_the_stored_values(tmp_path, unet):
+    _model(tmp_path / "tuned.unet", 1, postprocess={"threshold": 0.99, "min_size": 1_000_000})
+    write_image(tmp_path / "pic.png", _picture(), "YX")
+    r = unet("predict", "pic.png", "-o", "plain.tif", "-m", "tuned.unet", "--output-type", "labels",
+             "--untuned", cwd=tmp_path)
+    assert r.code == 0, r
+    plain = read_image(tmp_path / "plain.tif")[0, ..., 0]
+    prob = inference.predict_image(checkpoint.load_model(tmp_path / "tuned.unet"), _picture()[..., None], device="cpu")
+    assert np.array_equal(plain, instances.decode(prob, instances.DecodeParams()))

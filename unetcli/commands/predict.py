@@ -168,6 +168,10 @@ def command(
         None, "--seed-threshold", metavar="P",
         help="Three-class models, labels: interior probability that starts an object (default: the model's "
              "tuned value, else 0.5)."),
+    tuned: bool = typer.Option(
+        True, "--tuned/--untuned",
+        help="Labels: decode with the values the model was tuned with (default), or with the plain "
+             "defaults (threshold 0.5, seed 0.5, no minimum size) to see what the tuning gives."),
     channels: Optional[str] = typer.Option(
         None, "--channels", metavar="LIST",
         help="Pick and order the input's channels, 1-based: e.g. 2 for the nuclear stain of a 3-channel "
@@ -247,7 +251,7 @@ def command(
     mf = _load(model)
     if picked is None and (mf.inputs or {}).get("channels"):
         picked = [int(c) - 1 for c in mf.inputs["channels"]]
-    decode = _decoding(mf, output_type, threshold, seed, min_size)
+    decode = _decoding(mf, output_type, threshold, seed, min_size, tuned)
     if threshold is not None and mf.config.num_classes != 2 and output_type != "labels":
         raise ConfigError(f"--threshold applies to two-class models; {mf.name} has {mf.config.num_classes} classes",
                           hint="leave --threshold out: each pixel gets its most probable class")
@@ -318,13 +322,14 @@ def _check_options(inputs, output_type: str, fmt: str | None, threshold, min_siz
     return fmt
 
 
-def _decoding(mf, output_type: str, threshold, seed, min_size):
-    """Labels: the model's tuned instance decoding with the flags given on top; else None."""
+def _decoding(mf, output_type: str, threshold, seed, min_size, tuned_values: bool = True):
+    """Labels: the model's tuned instance decoding (or the defaults with ``tuned_values`` off) with the
+    flags given on top; else None."""
     if output_type != "labels":
         return None
     from unetcli.instances import DecodeParams
 
-    tuned = DecodeParams.from_dict(mf.postprocess)
+    tuned = DecodeParams.from_dict(mf.postprocess if tuned_values else None)
     changes = {k: v for k, v in (("threshold", threshold), ("seed", seed), ("min_size", min_size)) if v is not None}
     decode = DecodeParams.from_dict({**tuned.to_dict(), **changes})
     if mf.postprocess:
