@@ -6,6 +6,7 @@
 #
 #   benchmarks/train_nuclei_variants.sh [OUT_DIR]
 #   VARIANTS="three-class two-class" STEPS=1000 BASE=16 benchmarks/train_nuclei_variants.sh /tmp/variants
+#   BALANCE=none VARIANTS=three-class benchmarks/train_nuclei_variants.sh /tmp/variants-nobalance
 #
 # Run it alone on the machine: the training times it prints are wall-clock.
 set -euo pipefail
@@ -17,6 +18,7 @@ VARIANTS="${VARIANTS:-three-class two-class}"
 STEPS="${STEPS:-1000}"
 BASE="${BASE:-16}"
 STAGE="${STAGE:-all}"
+BALANCE="${BALANCE:-dataset}"
 mkdir -p "$OUT"
 
 for variant in $VARIANTS; do
@@ -25,7 +27,7 @@ for variant in $VARIANTS; do
     rm -rf "$run"
     start=$(date +%s)
     $UNET train --images "$DATA/dsb2018-train/images" --labels "$DATA/dsb2018-train/labels" \
-      --target "$variant" --w0 10 --sigma 5 --balance dataset --border-width 2 \
+      --target "$variant" --w0 10 --sigma 5 --balance "$BALANCE" --border-width 2 \
       --base "$BASE" --depth 4 --padding same --batchnorm --tile 256 --batch 4 \
       --optimizer adam --lr 0.001 --schedule cosine --iterations "$STEPS" --precision bf16 \
       --scale-range 0.7,1.4 --val-split 0.05 --val-metric f1 \
