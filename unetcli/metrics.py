@@ -44,13 +44,13 @@ Where they live
 This module is the public home of the metrics and re-exports them from three: pixel and object
 scores, the keys and the threshold rules in :mod:`unetcli.scores`; the ISBI 2012 Rand and
 information scores and the warping error, with their threshold sweeps, in :mod:`unetcli.isbi`; the
-scoring of a whole set (kinds of truth, reading of predictions, one threshold per metric, the files'
-pairing) in :mod:`unetcli.evaluation`.
+scoring of a whole set (kinds of truth, reading of predictions, one threshold per metric) in
+:mod:`unetcli.evaluation`. Pairing and reading the files of ``unet evaluate`` is :mod:`unetcli.evalfiles`.
 """
 
 from __future__ import annotations
 
-from unetcli.evaluation import Pair, evaluate, metric_selection, read_pairs, truth_kind
+from unetcli.evaluation import Pair, evaluate, metric_selection, truth_kind
 from unetcli.isbi import (information_terms, isbi_scores, isbi_sweep, pixel_fscore, rand_terms,
                           segmentation_scores, segments_of, thin_boundaries, warping_scores, warping_sweep)
 from unetcli.scores import (_FOUR, DEFAULT_THRESHOLDS, DSB_IOU_THRESHOLDS, GROUPS, ISBI_KEYS, OBJECT_KEYS,
@@ -60,5 +60,5 @@ from unetcli.scores import (_FOUR, DEFAULT_THRESHOLDS, DSB_IOU_THRESHOLDS, GROUP
 __all__ = ["DEFAULT_THRESHOLDS", "DSB_IOU_THRESHOLDS", "GROUPS", "ISBI_KEYS", "OBJECT_KEYS", "PIXEL_KEYS",
            "WARPING_KEYS", "_FOUR", "Pair", "compact_labels", "evaluate", "information_terms", "isbi_scores",
            "isbi_sweep", "label_components", "metric_selection", "object_scores", "parse_thresholds",
-           "pixel_fscore", "pixel_scores", "rand_terms", "read_pairs", "segmentation_scores", "segments_of",
+           "pixel_fscore", "pixel_scores", "rand_terms", "segmentation_scores", "segments_of",
            "thin_boundaries", "truth_kind", "warping_scores", "warping_sweep"]

@@ -71,6 +71,7 @@ def command(
     from unetcli import console
     from unetcli import metrics as M
     from unetcli.errors import ConfigError
+    from unetcli.evalfiles import read_pairs
     from unetcli.images import write_bytes_atomic
     from unetcli.labels import parse_values
 
@@ -93,7 +94,7 @@ def command(
 
     if output is not None and str(output) != "-":
         check_outputs([*predictions, truth], [output])   # the scores never replace what they score
-    pairs = M.read_pairs(predictions, truth, stdin=read_stdin_once)
+    pairs = read_pairs(predictions, truth, stdin=read_stdin_once)
     with console.progress(len(pairs), "evaluating") as advance:
         report = M.evaluate(pairs, metrics=metrics, thresholds=sweep, probability=probability.value,
                             foreground=fg, classes=cls, progress=lambda name: advance(1))
