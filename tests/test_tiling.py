@@ -148,3 +148,15 @@ def test_valid_rows_come_out_in_order_and_complete():
     assert seen == 30
     yy, xx = np.mgrid[0:30, 0:11]
     assert np.array_equal(got, np.stack([yy, xx]))
+
+
+def test_fit_tile_rounds_for_same_padding_and_leaves_valid_tiles_to_the_exact_check():
+    from unetcli.tiling import fit_tile
+
+    same = UNetConfig(base=4, depth=4, padding="same")
+    assert fit_tile(same, (572, 572)) == ((576, 576), "tile 572x572 rounded to 576x576: this same-padding "
+                                          "network takes multiples of 16")
+    assert fit_tile(same, (512, 3))[0] == (512, 16)
+    assert fit_tile(same, (512, 512)) == ((512, 512), None)
+    valid = UNetConfig(base=4, depth=4)
+    assert fit_tile(valid, (570, 570)) == ((570, 570), None)

@@ -31,7 +31,7 @@ from unetcli.errors import ConfigError, ImageShapeError
 from unetcli.model import UNetConfig, check_tile, conv_flops, conv_layers, lean_forward
 from unetcli.sources import ArraySource, TiffRows, as_source, take
 from unetcli.tiling import (BLENDS, DEFAULT_OVERLAP, RowAssembler, TilePlan, axis_take, blend_window,
-                            parse_tile, plan_tiles, tile_memory)
+                            parse_tile, plan_tiles, tile_memory, fit_tile)
 
 MAX_AUTO_BATCH = 16
 
@@ -85,7 +85,7 @@ class Predictor:
         self.tile = parse_tile(tile)
         self.tile_note: str | None = None
         if self.tile is not None:
-            self.tile = self._fit_tile(config, self.tile)
+            self.tile, self.tile_note = fit_tile(config, self.tile)
             for side in self.tile:
                 check_tile(config, side)
         if batch is not None and batch < 1:
@@ -113,18 +113,6 @@ class Predictor:
         self.progress = progress
         self.net = net
         self._prepare()
-
-    def _fit_tile(self, config: UNetConfig, tile: tuple[int, int]) -> tuple[int, int]:
-        """A same-padding network takes any tile, rounded to its multiple of 2^depth (the nearest, up
-        on a tie; ``tile_note`` says so); a valid-padding tile must fit exactly (``check_tile``)."""
-        if config.padding != "same":
-            return tile
-        step = 2 ** config.depth
-        fitted = tuple(max(step, int(round(side / step)) * step) for side in tile)
-        if fitted != tuple(tile):
-            self.tile_note = (f"tile {'x'.join(map(str, tile))} rounded to {'x'.join(map(str, fitted))}: "
-                              f"this same-padding network takes multiples of {step}")
-        return fitted
 
     # -- set-up -------------------------------------------------------------------------------------
 

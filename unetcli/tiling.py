@@ -350,3 +350,17 @@ class RowAssembler:
                 self.wsum[keep:] = 0
             self.base = final
         self.done_in_row = 0
+
+
+def fit_tile(config: UNetConfig, tile: tuple[int, int]) -> tuple[tuple[int, int], str | None]:
+    """A tile the network takes, and a note when it differs from ``tile``: a same-padding network takes
+    any tile, rounded to its multiple of 2^depth (the nearest, up on a tie); a valid-padding tile is
+    returned as given, to be checked exactly (``check_tile``)."""
+    if config.padding != "same":
+        return tuple(tile), None
+    step = 2 ** config.depth
+    fitted = tuple(max(step, int(round(side / step)) * step) for side in tile)
+    if fitted == tuple(tile):
+        return fitted, None
+    return fitted, (f"tile {'x'.join(map(str, tile))} rounded to {'x'.join(map(str, fitted))}: "
+                    f"this same-padding network takes multiples of {step}")
