@@ -155,7 +155,6 @@ def test_help_examples_run(files, tmp_path, command, example):
 TRAIN = [ex for ex in _epilog_examples("train") if not ex.startswith("torchrun")]
 
 
-@pytest.mark.slow
 def test_train_help_examples_run_in_order(files, tmp_path):
     """The train examples build on each other (fine-tuning runs/em, resuming it): run them in order."""
     work = tmp_path / "w"
@@ -167,7 +166,6 @@ def test_train_help_examples_run_in_order(files, tmp_path):
         assert r.returncode == 0, f"{example}\n{r.stderr[-1500:]}"
 
 
-@pytest.mark.slow
 def test_readme_pipeline_runs_as_pasted(files, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(files, work)
