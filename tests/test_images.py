@@ -164,8 +164,9 @@ def test_format_sniffing_and_stdin_stdout(tmp_path):
     for fmt in ("tiff", "png"):
         payload = images.encode_image(data, fmt)
         assert images.sniff_format(payload[:16]) == fmt
-        script = ("import sys; from unetcli import images; a = images.read_image('-'); "
-                  f"images.write_image('-', a, fmt='{fmt}')")
+        script = ("import sys; from unetcli import images; "
+                  "a = images.read_image('-', stdin_bytes=sys.stdin.buffer.read()); "
+                  f"images.write_image('-', a, fmt='{fmt}', stream=sys.stdout.buffer)")
         out = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, check=True)
         back = images.read_image(_save(tmp_path / f"o.{fmt}", out.stdout))
         np.testing.assert_array_equal(back[0, :, :, 0], data)

@@ -403,15 +403,6 @@ def declared_shape(source, name: str | None = None) -> tuple[int, int, int] | No
         return None
 
 
-def read_stdin_once() -> bytes:
-    """All of stdin's bytes (for a ``-`` input whose header is checked before it is decoded)."""
-    import sys
-
-    try:
-        return sys.stdin.buffer.read()
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ImageReadError("<stdin>: cannot read", hint="pipe an image file into the command") from exc
-
 
 # ------------------------------------------------------------------------------------------- signals
 

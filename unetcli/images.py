@@ -3,7 +3,7 @@
 Every image comes back in one canonical layout, ``(N, H, W, C)``: N pages (1 for a plain image), H rows,
 W columns, C channels (1 for grey). Writers take an explicit layout and write atomically: the bytes go
 to a temporary file in the target folder, which is renamed over the target only once complete, so an
-interrupted or failed command never leaves a truncated output. ``-`` as a path means stdin or stdout.
+interrupted or failed command never leaves a truncated output. ``-`` as a path means stdin or stdout: the caller hands over the bytes read or the stream to write to.
 
 TIFF goes through tifffile; PNG through imagecodecs (libpng: 1- to 16-bit grey, grey+alpha, palette,
 RGB and RGBA, interlaced or not, read and written exactly); JPEG and BMP through imageio's Pillow
@@ -17,14 +17,13 @@ import io
 import logging
 import os
 import struct
-import sys
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from unetcli.errors import ImageReadError, ImageShapeError, ImageWriteError, TooLargeError
+from unetcli.errors import ConfigError, ImageReadError, ImageShapeError, ImageWriteError, TooLargeError
 
 TIFF, PNG, JPEG, BMP = "tiff", "png", "jpeg", "bmp"
 READ_FORMATS = (TIFF, PNG, JPEG, BMP)
@@ -123,7 +122,10 @@ def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
     """
     name = "<stdin>" if str(path) == "-" else str(path)
     if str(path) == "-":
-        data = sys.stdin.buffer.read() if stdin_bytes is None else stdin_bytes
+        if stdin_bytes is None:
+            raise ConfigError("'-' (stdin): pass the bytes read from stdin as stdin_bytes",
+                              hint="the command layer reads stdin; the library takes bytes")
+        data = stdin_bytes
         source: BinaryIO | str = io.BytesIO(data)
         head, size = data[:16], len(data)
     else:
@@ -430,7 +432,8 @@ def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name:
 
 
 def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = None, *,
-                fmt: str | None = None, pixel_size: dict | None = None, classes: int | None = None) -> None:
+                fmt: str | None = None, pixel_size: dict | None = None, classes: int | None = None,
+                stream: BinaryIO | None = None) -> None:
     """Write ``data`` atomically to ``path`` (``-``: stdout, then ``fmt`` is needed).
 
     ``layout`` is 'YX', 'YXC', 'ZYX' or 'ZYXC' (the canonical layout of ``read_image``); 2-D and 4-D
@@ -446,8 +449,10 @@ def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = 
         raise ImageWriteError(f"{name}: cannot write {fmt.upper()}; write .tif or .png")
     payload = encode_image(data, fmt, layout, name=name, pixel_size=pixel_size, classes=classes)
     if str(path) == "-":
-        sys.stdout.buffer.write(payload)
-        sys.stdout.buffer.flush()
+        if stream is None:
+            raise ImageWriteError("<stdout>: no stream to write to", hint="pass stream=sys.stdout.buffer")
+        stream.write(payload)
+        stream.flush()
         return
     try:
         with atomic_output(path) as tmp:

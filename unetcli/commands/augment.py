@@ -82,7 +82,8 @@ def command(
     from unetcli import console
     from unetcli.augmentfiles import augment_files
     from unetcli.errors import ConfigError
-    from unetcli.guards import check_outputs, read_stdin_once
+    from unetcli.commands import read_stdin as read_stdin_once
+    from unetcli.guards import check_outputs
     from unetcli.images import format_from_name
     from unetcli.transforms import AugmentConfig
 

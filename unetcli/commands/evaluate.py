@@ -90,7 +90,8 @@ def command(
     if cls is not None and len(cls) < 2:
         raise ConfigError("--classes needs at least two values (the first is the background)")
 
-    from unetcli.guards import check_outputs, read_stdin_once
+    from unetcli.commands import read_stdin as read_stdin_once
+    from unetcli.guards import check_outputs
 
     if output is not None and str(output) != "-":
         check_outputs([*predictions, truth], [output])   # the scores never replace what they score

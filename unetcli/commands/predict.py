@@ -265,7 +265,9 @@ def command(
         console.detail(predictor.tile_note)
 
     # '-' is resolved here: the core reads bytes and writes to a stream
-    jobs = [pipeline.Job(guards.read_stdin_once() if i == "-" else i, sys.stdout.buffer if o == "-" else o)
+    from unetcli.commands import read_stdin
+
+    jobs = [pipeline.Job(read_stdin() if i == "-" else i, sys.stdout.buffer if o == "-" else o)
             for i, o in todo]
     record = None
     if provenance:

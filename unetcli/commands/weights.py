@@ -75,7 +75,7 @@ def command(
 
     from unetcli import console
     from unetcli.errors import ConfigError
-    from unetcli.guards import read_stdin_once
+    from unetcli.commands import read_stdin as read_stdin_once
     from unetcli.images import TIFF, expand_folders, format_from_name
     from unetcli.labels import parse_values
     from unetcli.weightfiles import Settings, weight_files
