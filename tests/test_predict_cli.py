@@ -482,3 +482,22 @@ def test_preview_draws_the_result_over_the_input(run, tmp_path, models):
     assert edges.any() and np.array_equal(red, edges)
     r = run("predict", "in.png", "-o", "m.tif", "--preview", "in.png", "-m", models["grey"])
     assert r.code != 0 and read_image(tmp_path / "in.png").shape == (1, 60, 50, 1)   # never over an input
+
+
+def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(run, tmp_path, models):
+    """A 300-byte JPEG that declares 65000x65000 pixels: refused from its header, in one line, with no
+    output and no temporary file (issue 16)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (65000).to_bytes(2, "big") + (65000).to_bytes(2, "big")
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data))
+    for kind in ("probs", "labels"):
+        r = run("predict", "bomb.jpg", "-o", "out.tif", "-m", models["grey"], "--output-type", kind)
+        assert_one_line_error(r, "bomb.jpg", "65000x65000")
+        assert not (tmp_path / "out.tif").exists() and not _leftovers(tmp_path)

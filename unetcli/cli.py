@@ -171,14 +171,20 @@ def run(args: list[str]) -> int:
 
 
 def _click_exceptions() -> tuple[tuple, tuple, tuple]:
-    """(exit, abort, usage error) exception classes: Typer's own (it vendors click) and click's."""
-    import click
+    """(exit, abort, usage error) exception classes: Typer's own (recent Typer vendors click as
+    ``typer.core._click``, and click itself need not be installed) and click's where it is."""
     from typer import core
 
-    vendored = getattr(core, "_click", click)
-    exits = {typer.Exit, click.exceptions.Exit}
-    aborts = {typer.Abort, click.exceptions.Abort}
-    usage = {vendored.exceptions.ClickException, click.exceptions.ClickException}
+    modules = [m for m in (getattr(core, "_click", None),) if m is not None]
+    try:
+        import click
+
+        modules.append(click)
+    except ImportError:
+        pass
+    exits = {typer.Exit, *(m.exceptions.Exit for m in modules)}
+    aborts = {typer.Abort, *(m.exceptions.Abort for m in modules)}
+    usage = {m.exceptions.ClickException for m in modules}
     return tuple(exits), tuple(aborts), tuple(usage)
 
 

@@ -181,6 +181,7 @@ class _Run:
                 digest, size = prov.sha256_bytes(raw), len(raw)
             else:
                 digest, size = prov.sha256_file(job.source), os.path.getsize(job.source)
+        self.check_memory(job, raw)
         arr = None
         if raw is None and (format_from_name(job.source) == TIFF or Path(job.source).suffix == ""):
             arr = TiffRows.open(job.source, min_bytes=STREAM_TIFF_BYTES)   # rows decoded on demand
@@ -201,6 +202,26 @@ class _Run:
             raise ImageShapeError(f"{name}: has {arr.shape[-1]} channel(s), the model {mf.name} takes {k}",
                                   hint=("convert it to grey" if k == 1 else f"give images with {k} channels"))
         return _Loaded(arr, digest, size)
+
+    def check_memory(self, job: Job, raw: bytes | None) -> None:
+        """Refuse, from the header alone, an input whose result (and decoded image, unless it is a
+        striped TIFF read a strip at a time) would not fit the memory available: a 300-byte JPEG may
+        declare 65000x65000 pixels."""
+        from unetcli import guards
+
+        shape = guards.declared_shape(raw if raw is not None else job.source, job.input_name)
+        if shape is None:
+            return
+        n, h, w = shape
+        k = self.model.config.num_classes
+        streamed = self.streamed(job)
+        per_pixel = {"probs": 4 * k, "mask": 0 if streamed else 1, "labels": 4 * k + 4}[self.output.kind]
+        from unetcli.images import TIFF, format_from_name
+
+        may_stream = raw is None and format_from_name(job.source) == TIFF     # perhaps read strip by strip
+        image = 0 if may_stream else n * h * w * self.model.config.in_channels * 4   # float32 copies
+        guards.check_memory(float(n) * h * w * per_pixel + image,
+                            f"predicting {w}x{h} pixels{f' x {n} pages' if n > 1 else ''}", job.input_name)
 
     # -- one input ----------------------------------------------------------------------------------
 
