@@ -182,9 +182,12 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
         modules.append(click)
     except ImportError:
         pass
-    exits = {typer.Exit, *(m.exceptions.Exit for m in modules)}
-    aborts = {typer.Abort, *(m.exceptions.Abort for m in modules)}
-    usage = {m.exceptions.ClickException for m in modules}
+    def found(name: str) -> set:
+        return {cls for m in modules if (cls := getattr(m.exceptions, name, None)) is not None}
+
+    exits = {typer.Exit, *found("Exit")}
+    aborts = {typer.Abort, *found("Abort")}
+    usage = found("ClickException")
     return tuple(exits), tuple(aborts), tuple(usage)
 
 

@@ -343,7 +343,7 @@ def check_tiff_series(tf, name: str) -> None:
         a, b = first.pages[0], other.pages[0]
         if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
             raise ImageShapeError(
-                f"{name}: stack with pages of different sizes or types (page 1 is "
+                f"{name}: stack with inconsistent pages, of different sizes or types (page 1 is "
                 f"{'x'.join(map(str, a.shape))} {a.dtype}, page {page} is {'x'.join(map(str, b.shape))} "
                 f"{b.dtype})", hint="every page of a stack needs the same size and pixel type; split it")
         page += len(other.pages)

@@ -175,15 +175,9 @@ def _read_tiff(source, name: str, size: int, budget: int | None) -> np.ndarray:
         if not tf.series:
             raise ImageReadError(f"{name}: TIFF file holds no image")
         series = tf.series[0]
-        if len(tf.series) > 1 and all(getattr(s, "kind", "").lower() == "generic" for s in tf.series):
-            # a plain multi-page TIFF whose pages differ: tifffile splits it, and reading series[0]
-            # alone would silently drop pages
-            a, b = tf.series[0], tf.series[1]
-            first, other = a.pages[0], b.pages[0]
-            raise ImageShapeError(f"{name}: stack with inconsistent pages (page 1 is "
-                                  f"{'x'.join(map(str, first.shape))} {first.dtype}, page {len(a.pages) + 1} "
-                                  f"is {'x'.join(map(str, other.shape))} {other.dtype})",
-                                  hint="every page of a stack needs the same size and pixel type")
+        from unetcli.guards import check_tiff_series
+
+        check_tiff_series(tf, name)   # one rule: pages split into several series are never dropped
         _check_fits(name, tuple(series.shape), series.dtype.itemsize, budget)
         for page in tf.pages:
             offsets = getattr(page, "dataoffsets", ()) or ()
