@@ -402,8 +402,10 @@ _SLOW_COMMAND = textwrap.dedent("""
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
                                              (signal.SIGTERM, 143, "terminated")])
 def test_signals_end_the_run_with_one_line_and_no_temporary_file(tmp_path, sig, code, word):
+    # the child starts with the default dispositions a shell gives (an ignored SIGINT would be inherited)
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMMAND, str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
