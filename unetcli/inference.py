@@ -77,7 +77,8 @@ class Predictor:
                  overlap: float = DEFAULT_OVERLAP, blend: str = "gaussian",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  threads: int | None = None, channels_last: bool | None = None,
-                 progress: Progress | None = None, normalization: dict | None = None):
+                 progress: Progress | None = None, normalization: dict | None = None,
+                 trained_dtype: str | None = None):
         self.config = config
         self.device = resolve_device(device)
         self.precision = precision
@@ -104,7 +105,7 @@ class Predictor:
         self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(c)
         self.std = None if std is None else np.asarray(std, np.float32).reshape(c)
         self.normalization = normalization     # a per-image rule (normalize): mean/std set per image
-        self.trained_dtype: str | None = None  # dataset rule: the pixel type its statistics are in
+        self.trained_dtype = trained_dtype     # dataset rule: the pixel type its statistics are in
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be at least 1, not {threads}")
         self.threads = None if threads is None else int(threads)
@@ -485,10 +486,8 @@ def load_predictor(model, *, device: str | torch.device = "auto", **options) -> 
     norm = model.normalization or {}
     if normalize.kind(norm) != "dataset":
         return Predictor(net, model.config, device=dev, normalization=norm, **options)
-    pred = Predictor(net, model.config, device=dev, mean=norm.get("mean"), std=norm.get("std"),
-                     normalization=norm, **options)
-    pred.trained_dtype = (model.inputs or {}).get("dtype")
-    return pred
+    return Predictor(net, model.config, device=dev, mean=norm.get("mean"), std=norm.get("std"),
+                     normalization=norm, trained_dtype=(model.inputs or {}).get("dtype"), **options)
 
 
 def predict_image(model, image: np.ndarray, *, device: str | torch.device = "auto", **options) -> np.ndarray:

@@ -213,9 +213,7 @@ class _Run:
         if shape is None:
             return
         n, h, w = shape
-        k = self.model.config.num_classes
-        streamed = self.streamed(job)
-        per_pixel = {"probs": 4 * k, "mask": 0 if streamed else 1, "labels": 4 * k + 4}[self.output.kind]
+        per_pixel = self.result_bytes_per_pixel(job)
         from unetcli.images import TIFF, format_from_name
 
         may_stream = raw is None and format_from_name(job.source) == TIFF     # perhaps read strip by strip
@@ -224,6 +222,11 @@ class _Run:
                             f"predicting {w}x{h} pixels{f' x {n} pages' if n > 1 else ''}", job.input_name)
 
     # -- one input ----------------------------------------------------------------------------------
+
+    def result_bytes_per_pixel(self, job: Job) -> int:
+        """Host bytes per pixel of the result kept whole (a streamed mask keeps one band only)."""
+        k = self.model.config.num_classes
+        return {"probs": 4 * k, "mask": 0 if self.streamed(job) else 1, "labels": 4 * k + 4}[self.output.kind]
 
     def streamed(self, job: Job) -> bool:
         out = job.output
@@ -249,10 +252,7 @@ class _Run:
         pred, stack = self.predictor, loaded.source
         n, h, w = stack.shape[:3]
         streamed = self.streamed(job)
-        # host bytes per pixel of the result kept whole (the streamed mask keeps one band only)
-        k = self.model.config.num_classes
-        per_pixel = {"probs": 4 * k, "mask": 0 if streamed else 1, "labels": 4 * k + 4}[self.output.kind]
-        held = pred.held_bytes(stack, per_pixel)
+        held = pred.held_bytes(stack, self.result_bytes_per_pixel(job))
         plan = pred.plan(h, w, held)
         calibration = None if isinstance(job.source, bytes) else tiffmeta.pixel_size(job.source)
         start = time.perf_counter()

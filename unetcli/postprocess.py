@@ -85,21 +85,3 @@ def clean(mask: np.ndarray, *, fill: bool = False, min_size: int = 0, largest: b
         mask = largest_component(mask)
     return mask
 
-
-OVERLAY_MAX_SIDE = 2048
-
-
-def overlay(image_path: str, result_path: str) -> np.ndarray:
-    """An RGB uint8 picture of an input image (its first page, each channel shown between its 1st and
-    99.8th percentile) with the borders of a result drawn in red: class borders of a mask, outlines of
-    instance labels, the borders of the most probable class of probabilities. At most
-    ``OVERLAY_MAX_SIDE`` pixels a side (shrunk by an integer factor)."""
-    from unetcli import normalize
-    from unetcli.images import read_image
-    from unetcli.transforms import preview_panel
-
-    image = read_image(image_path)[0]
-    result = read_image(result_path)[0]
-    labels = result.argmax(-1) if result.dtype.kind == "f" and result.shape[-1] > 1 else result[..., 0]
-    shown = np.clip(normalize.apply(normalize.DEFAULT, image), 0.0, 1.0)
-    return preview_panel(shown, labels, (0.0, 1.0), size=min(max(image.shape[:2]), OVERLAY_MAX_SIDE))

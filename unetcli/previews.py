@@ -1,4 +1,5 @@
-"""Pictures of augmented samples: label contours drawn over a shrunk image, and the contact sheet."""
+"""Pictures for a person: label contours drawn over a shrunk image, the contact sheet of augmented
+samples, and the overlay of a prediction over its input (``unet predict --preview``)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,21 @@ def contact_sheet(panels: list[np.ndarray], columns: int | None = None, gap: int
         y, x = gap + r * (ph + gap), gap + c * (pw + gap)
         sheet[y:y + p.shape[0], x:x + p.shape[1]] = p
     return sheet
+
+
+OVERLAY_MAX_SIDE = 2048
+
+
+def overlay(image_path: str, result_path: str) -> np.ndarray:
+    """An RGB uint8 picture of an input image (its first page, each channel shown between its 1st and
+    99.8th percentile) with the borders of a result drawn in red: class borders of a mask, outlines of
+    instance labels, the borders of the most probable class of probabilities. At most
+    ``OVERLAY_MAX_SIDE`` pixels a side (shrunk by an integer factor)."""
+    from unetcli import normalize
+    from unetcli.images import read_image
+
+    image = read_image(image_path)[0]
+    result = read_image(result_path)[0]
+    labels = result.argmax(-1) if result.dtype.kind == "f" and result.shape[-1] > 1 else result[..., 0]
+    shown = np.clip(normalize.apply(normalize.DEFAULT, image), 0.0, 1.0)
+    return preview_panel(shown, labels, (0.0, 1.0), size=min(max(image.shape[:2]), OVERLAY_MAX_SIDE))

@@ -71,8 +71,7 @@ def pixel_size(path: str | os.PathLike) -> dict | None:
             if not xres or not yres:
                 return None
             if tf.is_imagej:
-                unit = (tf.imagej_metadata or {}).get("unit")
-                unit = unit.replace("\\u00B5", "µ") if isinstance(unit, str) else unit
+                unit = (tf.imagej_metadata or {}).get("unit")   # '\\u00B5m' is a key of _TO_UM
             else:
                 code = page.tags.get("ResolutionUnit")
                 unit = _RESOLUTION_UNIT.get(int(code.value) if code is not None else 2)
@@ -121,11 +120,4 @@ def imagej_options(data: np.ndarray, layout: str, pixel_size: dict | None, class
         meta["unit"] = "micron"
     opts["metadata"] = meta
     return opts
-
-
-def describe(size: dict | None) -> str:
-    size = check(size)
-    if size is None:
-        return "unknown"
-    return f"{size['x']:.4g} x {size['y']:.4g} um" if not np.isclose(size["x"], size["y"]) else f"{size['x']:.4g} um"
 

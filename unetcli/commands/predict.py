@@ -283,7 +283,7 @@ def command(
                            on_written=_print_path, on_done=_report, on_note=_note, progress=console.progress)
     if preview is not None:
         from unetcli.images import write_image
-        from unetcli.postprocess import overlay
+        from unetcli.previews import overlay
 
         write_image(preview, overlay(inputs[0], outs[0]), "YXC")
         _print_path(str(preview))
