@@ -11,8 +11,8 @@ Each guard runs before the work it protects and raises a typed error of ``errors
 - :func:`check_memory`: the memory rule of the decoded-image guard (need > MemAvailable is refused),
   applied to any array a command will derive; :func:`format_bytes` words sizes for it.
 - :func:`check_finite`: no NaN or infinity written where finite inputs overflowed.
-- :func:`check_tiff_series`, :func:`declared_shape`: a TIFF whose pages differ in size or type is an
-  error, never silently reduced to its first page; an image's size from its header alone.
+- :func:`declared_shape`: an image's size from its header alone, a TIFF whose pages differ in size or
+  type refused on the way (``images.check_tiff_series``, the reader's own rule).
 - :class:`Terminated`, :func:`raise_on_sigterm`: SIGTERM as an exception that ``except Exception``
   blocks cannot swallow, so that temporary files are removed on the way out.
 """
@@ -323,43 +323,15 @@ def check_finite(array, name: str, hint: str | None = None) -> None:
 
 # -------------------------------------------------------------------------------------------- stacks
 
-_PLAIN_SERIES = ("generic", "shaped", "uniform")
-
-
-def check_tiff_series(tf, name: str) -> None:
-    """Refuse a TIFF whose pages tifffile splits into several plain series (raise ImageShapeError).
-
-    Reading ``tf.series[0]`` alone would drop the other pages. Pages of different size or type give
-    several series (generic, or shaped with tifffile's default metadata); so do pages of one size
-    appended one ``imwrite`` at a time. Files whose extra series are by design (thumbnails of a slide
-    scanner, OME images) are left alone. Call it on an open ``tifffile.TiffFile`` before reading.
-    """
-    series = tf.series
-    if len(series) < 2 or not all(str(getattr(s, "kind", "")).lower() in _PLAIN_SERIES for s in series):
-        return
-    first = series[0]
-    page = len(first.pages) + 1
-    for other in series[1:]:
-        a, b = first.pages[0], other.pages[0]
-        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-            raise ImageShapeError(
-                f"{name}: stack with inconsistent pages, of different sizes or types (page 1 is "
-                f"{'x'.join(map(str, a.shape))} {a.dtype}, page {page} is {'x'.join(map(str, b.shape))} "
-                f"{b.dtype})", hint="every page of a stack needs the same size and pixel type; split it")
-        page += len(other.pages)
-    raise ImageShapeError(f"{name}: stack stored as {len(series)} separate images, of which only the first "
-                          "would be read", hint="save the pages as one stack (e.g. tifffile.imwrite of a "
-                                                "3-D array), or as separate files")
-
 
 def declared_shape(source, name: str | None = None) -> tuple[int, int, int] | None:
     """``(pages, height, width)`` an image file declares in its header, without decoding its pixels.
 
     ``source``: a path or the bytes of a file (as read from stdin). TIFFs are checked with
-    :func:`check_tiff_series` on the way (ImageShapeError). None where the header cannot be read: the
+    ``images.check_tiff_series`` on the way (ImageShapeError). None where the header cannot be read: the
     reader's own errors then say what is wrong when the image is read.
     """
-    from unetcli.images import TIFF, sniff_format
+    from unetcli.images import TIFF, check_tiff_series, sniff_format
 
     label = name or str(source if not isinstance(source, (bytes, bytearray)) else "<stdin>")
     try:

@@ -168,6 +168,35 @@ def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
     return arr
 
 
+_PLAIN_SERIES = ("generic", "shaped", "uniform")
+
+
+def check_tiff_series(tf, name: str) -> None:
+    """Refuse a TIFF whose pages tifffile splits into several plain series (raise ImageShapeError).
+
+    Reading ``tf.series[0]`` alone would drop the other pages. Pages of different size or type give
+    several series (generic, or shaped with tifffile's default metadata); so do pages of one size
+    appended one ``imwrite`` at a time. Files whose extra series are by design (thumbnails of a slide
+    scanner, OME images) are left alone. Call it on an open ``tifffile.TiffFile`` before reading.
+    """
+    series = tf.series
+    if len(series) < 2 or not all(str(getattr(s, "kind", "")).lower() in _PLAIN_SERIES for s in series):
+        return
+    first = series[0]
+    page = len(first.pages) + 1
+    for other in series[1:]:
+        a, b = first.pages[0], other.pages[0]
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            raise ImageShapeError(
+                f"{name}: stack with inconsistent pages, of different sizes or types (page 1 is "
+                f"{'x'.join(map(str, a.shape))} {a.dtype}, page {page} is {'x'.join(map(str, b.shape))} "
+                f"{b.dtype})", hint="every page of a stack needs the same size and pixel type; split it")
+        page += len(other.pages)
+    raise ImageShapeError(f"{name}: stack stored as {len(series)} separate images, of which only the first "
+                          "would be read", hint="save the pages as one stack (e.g. tifffile.imwrite of a "
+                                                "3-D array), or as separate files")
+
+
 def _read_tiff(source, name: str, size: int, budget: int | None) -> np.ndarray:
     import tifffile
 
@@ -175,8 +204,6 @@ def _read_tiff(source, name: str, size: int, budget: int | None) -> np.ndarray:
         if not tf.series:
             raise ImageReadError(f"{name}: TIFF file holds no image")
         series = tf.series[0]
-        from unetcli.guards import check_tiff_series
-
         check_tiff_series(tf, name)   # one rule: pages split into several series are never dropped
         _check_fits(name, tuple(series.shape), series.dtype.itemsize, budget)
         for page in tf.pages:
