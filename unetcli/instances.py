@@ -175,26 +175,19 @@ def tune(probs: Sequence[np.ndarray], truths: Sequence[np.ndarray], *, metric: s
         return float(np.mean([object_scores(decode(pr, p), t)[metric] for pr, t in zip(probs, truths)]))
 
     seeds: Iterable[float] = grid["seed"] if three else (base.seed,)
-    best, best_score = base, -1.0
-    for th, sd in itertools.product(grid["threshold"], seeds):
-        cand = replace(base, threshold=float(th), seed=float(sd), min_size=0)
-        s = score(cand)
-        if s > best_score:
-            best, best_score = cand, s
-    if not three:
-        for g in grid["grow"]:
-            cand = replace(best, grow=int(g))
+    def keep_best(candidates: Iterable[DecodeParams], best: DecodeParams, best_score: float):
+        for cand in candidates:
             s = score(cand)
             if s > best_score:
                 best, best_score = cand, s
-    for ms in grid["min_size"]:
-        if ms == 0:
-            continue
-        cand = replace(best, min_size=int(ms))
-        s = score(cand)
-        if s > best_score:
-            best, best_score = cand, s
-    return best, best_score
+        return best, best_score
+
+    pairs = itertools.product(grid["threshold"], seeds)
+    best, best_score = keep_best((replace(base, threshold=float(th), seed=float(sd), min_size=0)
+                                  for th, sd in pairs), base, -1.0)
+    if not three:
+        best, best_score = keep_best([replace(best, grow=int(g)) for g in grid["grow"]], best, best_score)
+    return keep_best([replace(best, min_size=int(ms)) for ms in grid["min_size"] if ms], best, best_score)
 
 
 def fill_label_holes(labels: np.ndarray) -> np.ndarray:
