@@ -29,9 +29,9 @@ case "$what" in
   em-membranes)
     start=$(date +%s)
     $UNET train --images "$DATA/isbi2012/train/images" --labels "$DATA/isbi2012/train/labels" \
-      --base 32 --depth 4 --padding same --no-batchnorm --tile 512 --batch 1 \
-      --optimizer adam --lr 0.001 --schedule cosine ${LENGTH:---max-time 60m} \
-      --augmentations flip,elastic --weights none --workers 1 --seed 0 --checkpoint-every 100 \
+      --base 32 --depth 4 --padding valid --no-batchnorm --tile 572 --batch 1 --precision bf16 \
+      --optimizer adam --lr 0.001 --schedule cosine ${LENGTH:---iterations 3000} \
+      --augmentations flip,elastic --weights none --workers 0 --seed 0 --checkpoint-every 100 \
       --out "$RUNS/em-membranes"
     echo "training wall time: $(( $(date +%s) - start )) s"
     half "$RUNS/em-membranes/last.unet" "$HERE/em-membranes.unet"

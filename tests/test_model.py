@@ -53,6 +53,11 @@ def test_invalid_tile_is_refused_with_the_nearest_valid_sizes():
     with pytest.raises(TileSizeError, match="multiples of 8"):
         check_tile(UNetConfig(depth=3, padding="same"), 100)
     assert check_tile(PAPER, 572) == 388
+    # below the smallest input the hint names the smallest, not nothing
+    assert nearest_valid(PAPER, 32) == (None, 188)
+    with pytest.raises(TileSizeError) as info:
+        check_tile(PAPER, 32)
+    assert info.value.hint == "use 188"
 
 
 def test_he_initialisation_has_the_stated_standard_deviation():

@@ -89,11 +89,12 @@ class ModelFile:
         extra = sorted(set(self.tensors) - set(expected))
         if missing or extra:
             what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-            raise ModelFileError(f"{self.path or 'model'}: weights do not match its config ({what})")
+            raise ModelFileError(f"{self.path or 'model'}: damaged model file (weights do not match "
+                                 f"its config: {what})")
         for key, ref in expected.items():
             if tuple(self.tensors[key].shape) != tuple(ref.shape):
-                raise ModelFileError(f"{self.path or 'model'}: tensor {key} has shape "
-                                     f"{self.tensors[key].shape}, its config needs {tuple(ref.shape)}")
+                raise ModelFileError(f"{self.path or 'model'}: damaged model file (tensor {key} has "
+                                     f"shape {self.tensors[key].shape}, its config needs {tuple(ref.shape)})")
         net = UNet(self.config)
         net.load_state_dict({key: torch.from_numpy(np.ascontiguousarray(self.tensors[key])).to(ref.dtype)
                              for key, ref in expected.items()})

@@ -17,12 +17,12 @@ import io
 import logging
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from unetcli.atomic import atomic_output
 from unetcli.errors import ConfigError, ImageReadError, ImageShapeError, ImageWriteError, TooLargeError
 
 TIFF, PNG, JPEG, BMP = "tiff", "png", "jpeg", "bmp"
@@ -109,6 +109,18 @@ def _check_fits(name: str, shape: tuple[int, ...], itemsize: int, budget: int | 
                             f"{limit / 2**30:.1f} GiB of memory available")
 
 
+def _check_plausible(name: str, fmt: str, height: int, width: int, least: float, file_size: int) -> None:
+    """Refuse a header that declares more pixels than the file's bytes can encode (a truncated file,
+    or a decompression bomb): ``least`` is the fewest bytes any encoder needs for that many pixels."""
+    if file_size < least:
+        raise ImageReadError(f"{name}: damaged or truncated {fmt.upper()} file (its header declares "
+                             f"{width}x{height} pixels, which {file_size} bytes cannot hold)")
+
+
+def _file_size(source) -> int:
+    return len(source.getvalue()) if isinstance(source, io.BytesIO) else os.path.getsize(source)
+
+
 # ------------------------------------------------------------------------------------------------ read
 
 def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
@@ -163,6 +175,12 @@ def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ImageReadError(f"{name}: contains NaN or infinite pixel values",
                              hint="replace them (e.g. with 0) before using the image")
+    if arr.dtype.itemsize > 4 and arr.dtype.kind == "f" and arr.size:
+        peak = float(np.abs(arr).max())
+        if peak > 1e30:   # float32 (what every command computes in) ends at 3.4e38; keep room for sums
+            raise ImageReadError(f"{name}: holds values up to {peak:.3g}, beyond the range unet computes "
+                                 f"in (float32 arithmetic: magnitudes below 1e30)",
+                                 hint="scale the image's values first")
     if arr.dtype.kind == "c":
         raise ImageShapeError(f"{name}: complex-valued pixels are not supported")
     return arr
@@ -316,6 +334,9 @@ def _read_png(source, name: str, fmt: str, budget: int | None) -> np.ndarray:
     w, h, depth, ctype, interlace = hdr
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(ctype, 4)
     decoded = 4 if ctype == 3 else channels      # a palette decodes to RGB(A) before its indices
+    # deflate never packs more than 1032 bytes into one; each row adds a filter byte
+    row = (w * channels * depth + 7) // 8 + 1
+    _check_plausible(name, fmt, h, w, h * row / 1032, _file_size(source))
     _check_fits(name, (h, w, decoded), 2 if depth == 16 else 1, budget)
     raw = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
     with _quiet_libpng(interlace):
@@ -344,6 +365,10 @@ def _read_imageio(source, name: str, fmt: str, budget: int | None) -> np.ndarray
     with iio.imopen(data, "r", plugin="pillow", extension=".jpg" if fmt == JPEG else f".{fmt}") as f:
         mode = f.metadata(index=0, exclude_applied=False).get("mode")
         props = f.properties(index=0)
+        height, width = (int(v) for v in props.shape[:2])
+        # JPEG: at least one bit per 8x8 block (its DC code); BMP's run-length coding: 255 pixels in 2 bytes
+        least = ((height + 7) // 8) * ((width + 7) // 8) / 8 if fmt == JPEG else height * width / 128
+        _check_plausible(name, fmt, height, width, least, _file_size(source))
         _check_fits(name, tuple(props.shape), props.dtype.itemsize, budget)
         arr = f.read(index=0, mode="P" if mode == "P" else (None if mode in _KEEP_MODES else "RGB"))
     if arr.dtype == bool:
@@ -354,39 +379,6 @@ def _read_imageio(source, name: str, fmt: str, budget: int | None) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------- write
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise ImageWriteError(f"{target}: folder {folder} does not exist", hint="create it first")
-    # the temporary name must fit the file system's 255-byte limit whatever the target's length:
-    # '.' + the name's first bytes + '.' + 8 random characters + '.part' + suffix
-    budget = 255 - len(f"..XXXXXXXX.part{suffix}".encode())
-    stem = target.name.encode()[:max(budget, 1)].decode("utf-8", "ignore")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".part{suffix}", dir=folder)
-    except OSError as exc:
-        raise ImageWriteError(f"{target}: cannot write in {folder} ({exc.strerror})") from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
 
 def _normalise_layout(data: np.ndarray, layout: str | None) -> tuple[np.ndarray, str]:
     if layout is None:
@@ -452,6 +444,17 @@ def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name:
     return buf.getvalue()
 
 
+def write_stream(stream: BinaryIO, payload: bytes, chunk: int = 1 << 20) -> None:
+    """Write ``payload`` to a stream (stdout) in pieces, then flush. One write of many megabytes into a
+    pipe whose reader has gone can end without an error; a piece at a time, the next piece sees the
+    broken pipe (BrokenPipeError: exit 141)."""
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk):
+        stream.write(view[start:start + chunk])
+        stream.flush()
+    stream.flush()
+
+
 def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = None, *,
                 fmt: str | None = None, pixel_size: dict | None = None, classes: int | None = None,
                 stream: BinaryIO | None = None) -> None:
@@ -472,23 +475,13 @@ def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = 
     if str(path) == "-":
         if stream is None:
             raise ImageWriteError("<stdout>: no stream to write to", hint="pass stream=sys.stdout.buffer")
-        stream.write(payload)
-        stream.flush()
+        write_stream(stream, payload)
         return
     try:
         with atomic_output(path) as tmp:
             tmp.write_bytes(payload)
     except OSError as exc:
         raise ImageWriteError(f"{name}: cannot write ({exc.strerror})") from exc
-
-
-def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
-    """Write any bytes (JSON, CSV) atomically."""
-    try:
-        with atomic_output(path) as tmp:
-            tmp.write_bytes(payload)
-    except OSError as exc:
-        raise ImageWriteError(f"{path}: cannot write ({exc.strerror})") from exc
 
 
 def pages(arr: np.ndarray) -> Iterator[np.ndarray]:

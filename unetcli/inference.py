@@ -132,17 +132,20 @@ class Predictor:
     def plan(self, height: int, width: int, held: int = 0) -> TilePlan:
         """The tiling this predictor uses for a ``height`` x ``width`` image.
 
-        Without a fixed tile, the tile is the one needing the fewest FLOPs whose activations (one batch)
-        fit what the memory budget leaves after ``held`` bytes (the image and the result kept in host
-        memory; on a CUDA device the budget is device memory and nothing is subtracted), but never
-        less than a quarter of the budget.
-        """
+        Without a fixed tile: the tile needing the fewest FLOPs whose activations (one batch) fit what
+        the budget leaves after ``held`` bytes (image and result in host memory; not subtracted on a
+        CUDA device, whose budget is its own memory), but at least a quarter of the budget."""
         budget = self.budget
         if self.tile is None and self.device.type != "cuda":
             budget = max(self.budget - int(held), self.budget // 4)
-        return plan_tiles(self.config, height, width, tile=self.tile, budget=budget,
-                          batch=self.batch or 1, itemsize=self.itemsize, overlap=self.overlap,
-                          blend=self.blend)
+        try:
+            return plan_tiles(self.config, height, width, tile=self.tile, budget=budget,
+                              batch=self.batch or 1, itemsize=self.itemsize, overlap=self.overlap,
+                              blend=self.blend)
+        except ConfigError as exc:   # say what was given, not only what the tiles got of it
+            if budget != self.budget and "memory budget" in exc.message:
+                exc.message += f" (--memory-budget {self.budget} bytes, less the image and its result)"
+            raise
 
     def held_bytes(self, stack, result_bytes_per_pixel: float) -> int:
         """Host memory a prediction of ``stack`` (an array or a source) keeps besides its tiles: the

@@ -114,7 +114,8 @@ def valid_input_sizes(config: UNetConfig, lo: int = 1, hi: int = 4096) -> list[i
 def nearest_valid(config: UNetConfig, size: int) -> tuple[int | None, int | None]:
     """The largest valid input side below ``size`` and the smallest above it."""
     below = next((s for s in range(size - 1, 0, -1) if output_size(config, s) is not None), None)
-    above = next((s for s in range(size + 1, size + 2 ** (config.depth + 1) + 1)
+    start = max(size + 1, smallest_input(config))
+    above = next((s for s in range(start, start + 2 ** (config.depth + 1) + 1)
                   if output_size(config, s) is not None), None)
     return below, above
 

@@ -306,14 +306,13 @@ class _Run:
     def write(self, job: Job, loaded: _Loaded, data: np.ndarray, layout: str, plan, start: float,
               calibration, writer: ThreadPoolExecutor):
         """Write to a stream now, or start writing a file in the background; returns the write in flight."""
-        from unetcli.images import encode_image, write_image
+        from unetcli.images import encode_image, write_image, write_stream
 
         classes = self.model.config.num_classes if self.output.kind == "probs" else None
         if not isinstance(job.output, str):
             payload = encode_image(data, self.output.fmt or "tiff", layout, name="<stdout>",
                                    pixel_size=calibration, classes=classes)
-            job.output.write(payload)
-            job.output.flush()
+            write_stream(job.output, payload)
             return None
         record = (self.record(job, loaded, plan, start, data.dtype.name)
                   if self.provenance is not None else None)
@@ -356,7 +355,7 @@ class _Ticker:
 
 def write_provenance(out: str, record: dict) -> None:
     """The JSON record ``OUT.json`` of one output, written atomically after the output itself."""
-    from unetcli.images import write_bytes_atomic
+    from unetcli.atomic import write_bytes_atomic
 
     record = dict(record)
     record["output"] = dict(record["output"], path=os.path.abspath(out), sha256=prov.sha256_file(out))
@@ -399,7 +398,7 @@ def write_mask_streaming(path: str, predictor, stack, reduce, held: int, pixel_s
     import tifffile
 
     from unetcli import tiffmeta
-    from unetcli.images import atomic_output
+    from unetcli.atomic import atomic_output
 
     n, h, w = stack.shape[:3]
     rows = max(1, min(h, (1 << 18) // max(w, 1)))

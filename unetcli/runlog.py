@@ -40,7 +40,7 @@ def read_metrics(path: Path, upto_step: int | None = None) -> list[dict]:
 
 def write_json(path: Path, data: dict) -> None:
     """``data`` as indented JSON with sorted keys, written atomically."""
-    from unetcli.images import write_bytes_atomic
+    from unetcli.atomic import write_bytes_atomic
 
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
 

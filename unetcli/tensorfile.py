@@ -223,7 +223,7 @@ def write(path: str | os.PathLike, arrays: dict[str, np.ndarray], metadata: dict
     multiple of 8 bytes), so every tensor lies aligned to its type. ``arrays`` come from
     :func:`little_endian`.
     """
-    from unetcli.images import atomic_output
+    from unetcli.atomic import atomic_output
 
     order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
     entries, offset, digest = {}, 0, hashlib.sha256()

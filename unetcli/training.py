@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from unetcli import checkpoint, devices, guards, runlog, validation
-from unetcli.errors import ConfigError, RunFolderError  # noqa: F401  (RunFolderError: importable here, as in 0.2)
+from unetcli.errors import ConfigError, RunFolderError
 from unetcli.model import UNet, UNetConfig, check_tile
 from unetcli.recipe import lr_factor, make_optimizer, schedule_length, validation_interval, weighted_loss
 from unetcli.runconfig import TrainConfig
@@ -253,6 +253,13 @@ class Trainer:
         self.net_config = net.config
         model_state, opt_state, info = self.info
         if model_state:
+            own = net.state_dict()
+            odd = sorted(k for k in set(own) | set(model_state)
+                         if k not in own or k not in model_state or own[k].shape != model_state[k].shape)
+            if odd:
+                raise RunFolderError(f"{self.run_dir / 'config.json'}: damaged run configuration (its network "
+                                     f"does not fit the weights of {checkpoint.STATE_FILE}: {odd[0]})",
+                                     hint="restore the run's config.json, or start a new run")
             net.load_state_dict(model_state)
         net.to(self.device)
         self.channels_last = self.cfg.channels_last if self.cfg.channels_last is not None \

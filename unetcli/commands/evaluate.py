@@ -72,7 +72,7 @@ def command(
     from unetcli import metrics as M
     from unetcli.errors import ConfigError
     from unetcli.evalfiles import read_pairs
-    from unetcli.images import write_bytes_atomic
+    from unetcli.atomic import write_bytes_atomic
     from unetcli.labels import parse_values
 
     if as_json and as_csv:
