@@ -13,6 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Converted networks (the OpenVINO backend's cache) go to a folder of this test session, not to
+    the user's cache; subprocesses inherit it."""
+    old = os.environ.get("UNET_CACHE")
+    os.environ["UNET_CACHE"] = str(tmp_path_factory.mktemp("unet-cache"))
+    yield
+    if old is None:
+        os.environ.pop("UNET_CACHE", None)
+    else:
+        os.environ["UNET_CACHE"] = old
+
+
 def _shared(sub: str) -> Path:
     path = SHARED_DATA / sub
     if not path.is_dir():
@@ -73,3 +86,19 @@ def assert_one_line_error(result: Result, *fragments: str) -> None:
     assert lines[0].startswith("unet: error: "), result
     for frag in fragments:
         assert frag in lines[0], (frag, result)
+
+
+def random_net(config, seed: int = 0):
+    """A UNet of ``config`` in eval mode with He-initialised weights and random biases too, so that no
+    class dominates and the probability maps are far from constant."""
+    import torch
+
+    from unetcli.model import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(config).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_(0, 0.1)
+    return net

@@ -288,5 +288,6 @@ def test_untuned_decoding_ignores_the_stored_values(tmp_path, unet):
              "--untuned", cwd=tmp_path)
     assert r.code == 0, r
     plain = read_image(tmp_path / "plain.tif")[0, ..., 0]
-    prob = inference.predict_image(checkpoint.load_model(tmp_path / "tuned.unet"), _picture()[..., None], device="cpu")
+    prob = inference.predict_image(checkpoint.load_model(tmp_path / "tuned.unet"), _picture()[..., None], device="cpu",
+                                  backend="auto", precision="auto")   # what the command line runs
     assert np.array_equal(plain, instances.decode(prob, instances.DecodeParams()))

@@ -312,12 +312,32 @@ class Outcome:
     lines: list[str] = field(default_factory=list)
 
 
+SHIM = """\
+import os, signal, sys
+# `unet` for the probes: run this checkout's package in a process spawned from this small one, so that
+# its peak memory (wait4) is its own, not that of the (large) test process that started the line.
+signal.signal(signal.SIGINT, signal.SIG_IGN)       # the child gets the signals and answers them
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "unetcli", *sys.argv[1:]], os.environ,
+                     setsigdef=(signal.SIGINT, signal.SIGTERM))
+_, status, usage = os.wait4(pid, 0)
+if os.environ.get("UNET_PROBE_RSS"):
+    with open(os.environ["UNET_PROBE_RSS"], "a") as fh:
+        fh.write(f"{usage.ru_maxrss}\\n")
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def shim(folder: Path) -> Path:
-    """A ``unet`` on PATH that runs this checkout's package with this Python."""
+    """A ``unet`` on PATH that runs this checkout's package with this Python (see SHIM)."""
     bin_dir = folder / ".bin"
     bin_dir.mkdir(exist_ok=True)
     exe = bin_dir / "unet"
-    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m unetcli "$@"\n')
+    exe.write_text(f"#!{sys.executable} -S\n" + SHIM)
     exe.chmod(0o755)
     return bin_dir
 
@@ -326,10 +346,12 @@ def run_line(line: str, folder: Path, bin_dir: Path, *, timeout: float = 120.0,
              count_processes: bool = False, after=None) -> Outcome:
     """Run ``line`` with bash in ``folder``; ``after(proc)`` may act on the running command.
 
-    The peak memory is the one ``wait4`` reports for this line alone: the largest resident set of the
-    bash process and every process it waited for."""
+    The peak memory is the largest resident set of the ``unet`` processes of the line (each measured
+    by the shim that spawned it)."""
+    rss_file = bin_dir / f"rss-{time.monotonic_ns()}"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "NO_COLOR": "1", "UNET_MODELS": str(folder / ".no-user-models"), "PYTHONPATH": str(ROOT)}
+           "NO_COLOR": "1", "UNET_MODELS": str(folder / ".no-user-models"), "PYTHONPATH": str(ROOT),
+           "UNET_PROBE_RSS": str(rss_file)}
     env.pop("UNET_DEBUG", None)
     start = time.monotonic()
     proc = subprocess.Popen(["bash", "-c", line], cwd=folder, env=env, stdout=subprocess.PIPE,
@@ -355,7 +377,7 @@ def run_line(line: str, folder: Path, bin_dir: Path, *, timeout: float = 120.0,
     watchdog.start()
     if after is not None:
         after(proc)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     watchdog.cancel()
     done.set()
@@ -365,7 +387,9 @@ def run_line(line: str, folder: Path, bin_dir: Path, *, timeout: float = 120.0,
     if seconds >= timeout:
         raise AssertionError(f"{line!r} ran past {timeout} s")
     text = chunks.get("err", b"").decode("utf-8", "replace")
-    return Outcome(proc.returncode, chunks.get("out", b""), text, usage.ru_maxrss / 1024, most[0],
+    peaks = [int(v) for v in rss_file.read_text().split()] if rss_file.exists() else [0]
+    rss_file.unlink(missing_ok=True)
+    return Outcome(proc.returncode, chunks.get("out", b""), text, max(peaks) / 1024, most[0],
                    seconds, [ln for ln in text.splitlines() if ln.strip()])
 
 

@@ -377,7 +377,7 @@ def test_the_gpu_code_paths_run_on_the_cpu(tmp_path):
 def test_fp16_is_refused_on_the_cpu():
     with pytest.raises(ConfigError, match="fp16"):
         devices.resolve_precision("fp16", torch.device("cpu"))
-    assert devices.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert devices.resolve_precision("auto", torch.device("cpu")) == ("bf16" if devices.cpu_native_bf16() else "fp32")
 
 
 def test_val_split_and_val_images(tmp_path):

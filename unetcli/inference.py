@@ -17,8 +17,6 @@ callback ``progress(done_tiles, total_tiles)``.
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -29,6 +27,7 @@ from unetcli.devices import (PRECISIONS, auto_threads, autocast_dtype, default_m
                              resolve_precision, threads_for_work)
 from unetcli.errors import ConfigError, ImageShapeError
 from unetcli.model import UNetConfig, check_tile, conv_flops, conv_layers, lean_forward
+from unetcli.prefetch import prefetch
 from unetcli.sources import ArraySource, TiffRows, as_source, take
 from unetcli.tiling import (BLENDS, DEFAULT_OVERLAP, RowAssembler, TilePlan, axis_take, blend_window,
                             parse_tile, plan_tiles, tile_memory, fit_tile)
@@ -68,7 +67,8 @@ class Predictor:
     fewest FLOPs within ``memory_budget`` bytes), ``batch`` (tiles per forward pass; default 1 on CPU,
     as many as fit the budget (at most 16) on a GPU), ``precision`` ('fp32', 'bf16', 'fp16'), ``tta``
     (average over the 8 flips and 90-degree rotations), ``overlap`` and ``blend`` (same padding only),
-    ``threads`` (CPU threads for the network; default: :meth:`threads_for`).
+    ``threads`` (CPU threads for the network; default: :meth:`threads_for`), ``backend`` (``torch``,
+    ``openvino`` or ``auto``: :mod:`unetcli.backends`; precision 'auto': :mod:`unetcli.devices`).
     """
 
     def __init__(self, net: nn.Module, config: UNetConfig, *, device: str | torch.device = "cpu",
@@ -78,11 +78,16 @@ class Predictor:
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  threads: int | None = None, channels_last: bool | None = None,
                  progress: Progress | None = None, normalization: dict | None = None,
-                 trained_dtype: str | None = None):
+                 trained_dtype: str | None = None, backend: str = "torch"):
+        from unetcli.backends import OpenVINORunner, resolve_backend
+
         self.config = config
         self.device = resolve_device(device)
-        self.precision = precision
-        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.precision = resolve_precision(precision, self.device)
+        self.amp_dtype = autocast_dtype(self.device, self.precision)
+        self.backend = resolve_backend(backend, self.device)
+        self._runner = (OpenVINORunner(net, config.in_channels, self.precision)
+                        if self.backend == "openvino" else None)
         self.tile = parse_tile(tile)
         self.tile_note: str | None = None
         if self.tile is not None:
@@ -235,6 +240,9 @@ class Predictor:
 
     def _infer(self, buf: np.ndarray, threads: int | None = None) -> torch.Tensor:
         """Softmax probabilities (B, K, oy, ox) float32 on the device for a batch (B, ty, tx, C)."""
+        if self._runner is not None:
+            logits = self._runner(buf.transpose(0, 3, 1, 2), threads or self._auto_threads)
+            return torch.softmax(torch.from_numpy(logits), dim=1)
         if threads is not None and threads != torch.get_num_threads():
             saved = torch.get_num_threads()
             torch.set_num_threads(threads)     # only for this call: the caller's setting is restored
@@ -271,7 +279,7 @@ class Predictor:
         done = 0
         source = self._batches(stack, plan, batch)
         if self.device.type == "cuda":
-            source = _prefetch(source, depth=2)
+            source = prefetch(source, depth=2)
 
         def assemble(chunk, probs: np.ndarray):
             nonlocal rows, page
@@ -379,47 +387,6 @@ def _host(pending) -> np.ndarray:
     _chunk, host, event = pending
     event.synchronize()
     return host.numpy()
-
-
-def _prefetch(source, depth: int = 2):
-    """Run a generator one or two items ahead in a background thread (tile cutting overlaps compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for item in source:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as exc:  # handed to the consumer
-            put(exc)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()
 
 
 def probs_to_mask(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:

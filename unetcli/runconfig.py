@@ -52,7 +52,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     precision: str = "auto"
-    channels_last: bool | None = None   # None: on CUDA
+    channels_last: bool | None = None   # None: on CUDA and CPU
     workers: int | None = None          # None: 0 on a CPU with 2 cores or fewer, else up to 4
     compile: bool = False
     gpu_augment: bool | None = None     # None: on when training on CUDA

@@ -263,7 +263,7 @@ class Trainer:
             net.load_state_dict(model_state)
         net.to(self.device)
         self.channels_last = self.cfg.channels_last if self.cfg.channels_last is not None \
-            else self.device.type == "cuda"
+            else self.device.type in ("cuda", "cpu")
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net

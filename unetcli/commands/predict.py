@@ -197,9 +197,14 @@ def command(
     blend: str = typer.Option("gaussian", "--blend", metavar="gaussian|mean",
                               help="Same-padding networks: how overlapping tiles are blended."),
     device: Device = "auto",
-    precision: str = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
-                                  autocompletion=choices("fp32", "bf16", "fp16"),
-                                  help="Arithmetic precision; bf16/fp16 only where the device supports them."),
+    precision: str = typer.Option("auto", "--precision", metavar="auto|fp32|bf16|fp16",
+                                  autocompletion=choices("auto", "fp32", "bf16", "fp16"),
+                                  help="Arithmetic precision. auto: bf16 on a CPU that computes it natively "
+                                       "(AVX512-BF16, AMX) or a GPU that has it, else fp32."),
+    backend: str = typer.Option("auto", "--backend", metavar="auto|torch|openvino",
+                                autocompletion=choices("auto", "torch", "openvino"),
+                                help="What runs the network. auto: OpenVINO on a CPU where it is installed "
+                                     "(the fastest there), else torch."),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N",
                                           help="CPU threads for the network (default: one per core; 1 for tiny "
                                                "networks)."),
@@ -258,8 +263,10 @@ def command(
     from unetcli.inference import load_predictor
 
     predictor = load_predictor(mf, device=device, tile=tile, batch=batch, precision=precision, tta=tta,
-                               memory_budget=budget, overlap=overlap, blend=blend, threads=threads)
-    console.detail(f"model {mf.name} ({mf.path}); device {predictor.device}, precision {precision}, "
+                               memory_budget=budget, overlap=overlap, blend=blend, threads=threads,
+                               backend=backend)
+    console.detail(f"model {mf.name} ({mf.path}); device {predictor.device}, backend {predictor.backend}, "
+                   f"precision {predictor.precision}, "
                    f"{'valid' if mf.config.padding == 'valid' else 'same'} padding")
     if predictor.tile_note:
         console.detail(predictor.tile_note)
@@ -276,7 +283,7 @@ def command(
             "output_type": output_type, "threshold": threshold, "min_size": min_size, "fill_holes": fill_holes,
             "largest_component": largest_component, "tta": tta, "tile": tile, "batch": batch,
             "memory_budget": memory_budget, "overlap": overlap, "blend": blend, "device": device,
-            "precision": precision, "threads": threads, "format": fmt, "skip_existing": skip_existing}}
+            "precision": predictor.precision, "backend": predictor.backend, "threads": threads, "format": fmt, "skip_existing": skip_existing}}
     settings = pipeline.Output(kind=output_type, threshold=threshold, min_size=min_size, fill_holes=fill_holes,
                                largest_component=largest_component, decode=decode, fmt=fmt)
     pipeline.predict_files(jobs, predictor, mf, settings, channels=picked, provenance=record,

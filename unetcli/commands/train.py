@@ -169,7 +169,7 @@ def command(
                          help="Mixed precision; auto: bf16 on a GPU that has it, else fp32.  "
                               "\\[default: auto]")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
-                             help="Channels-last memory layout.  \\[default: on a GPU]")] = None,
+                             help="Channels-last memory layout.  \\[default: on, except on Apple MPS]")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N",
                        help="Data loading processes.  \\[default: 0 on a 2-core CPU, else up to "
                             "4]")] = None,
