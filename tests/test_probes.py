@@ -64,7 +64,8 @@ PROBES = [
     Probe(2, "unet augment image.png --labels labels.png --preview image.png", words=("image.png",)),
     Probe(2, "unet augment image.png --labels labels.png --preview labels.png", words=("labels.png",)),
     Probe(3, "unet weights labels/ -o w/ --mask-out labels/", words=("labels",)),
-    Probe(3, "unet weights stack.tif -o w/ --mask-out w/"),
+    Probe(3, "mkdir -p w && unet weights stack.tif -o w/ --mask-out w/", words=("two outputs",)),
+    Probe(3, "unet weights stack.tif -o both.tif --mask-out both.tif", words=("two outputs",)),
     Probe(4, f"{TRAIN} --iterations 2 --out imgs/", words=("imgs",)),
     Probe(4, f"{TRAIN} --iterations 2 --out labs/", words=("labs",)),
     # 6: stacks whose pages differ
@@ -468,7 +469,8 @@ def _signal_when(folder: Path, pattern: str, sig: int, seen: list):
     return act
 
 
-PREDICT_BIG = "unet predict big.png -m tiny.unet --threads 1 --tile 572 -o {out}"
+# torch on one thread: slow enough that the signal always lands while the output is being written
+PREDICT_BIG = "unet predict big.png -m tiny.unet --backend torch --threads 1 --tile 572 -o {out}"
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"),
