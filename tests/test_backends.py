@@ -74,9 +74,11 @@ def test_openvino_networks_are_cached_and_reused(tmp_path, monkeypatch):
     real = openvino.convert_model
     monkeypatch.setattr(openvino, "convert_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     _probs(VALID, "openvino", "fp32", tile=124)      # same weights, same shape: read from the cache
+    _probs(VALID, "openvino", "fp32", tile=188)     # another shape: the same converted network
     assert calls == []
-    _probs(VALID, "openvino", "fp32", tile=188)     # another shape: converted once more
+    _probs(SAME, "openvino", "fp32")                # another network: converted
     assert calls == [1]
+    assert len([p for p in (tmp_path / "openvino").iterdir() if not p.name.startswith(".")]) == 2
 
 
 def test_auto_resolves_as_documented(monkeypatch):

@@ -5,10 +5,10 @@ whatever runs them; a backend only turns one batch of normalised tiles (B, C, H,
 
 - ``torch``: any device, fp32, bf16 (autocast) or fp16 on GPUs.
 - ``openvino``: CPUs, fp32 or bf16 (OpenVINO's inference precision). The network is converted from
-  the torch module once per tile shape (several seconds) and kept, as OpenVINO's own model files, in
-  the user cache folder (``UNET_CACHE``, default platformdirs' ``user_cache_dir("unet")``;
-  at most 16 networks, the oldest removed first), so later runs only compile it (a fraction of a
-  second, itself cached by OpenVINO). On
+  the torch module once, for any batch and tile size (a few seconds), and kept, as OpenVINO's own
+  model files, in the user cache folder (``UNET_CACHE``, default platformdirs' ``user_cache_dir("unet")``;
+  at most 16 networks, the oldest removed first); each tile shape is then compiled for this CPU (a
+  fraction of a second, itself cached by OpenVINO). On
   this project's benchmark CPU it runs the same network 1.4x (fp32) to 2.9x (bf16) faster than torch,
   and its threads degrade far less when other jobs share the cores (``benchmarks/README.md``). It is
   an optional dependency: ``pip install 'unet-cli[fast]'``.
@@ -48,9 +48,9 @@ def cache_folder() -> Path:
     return Path(user_cache_dir("unet"))
 
 
-def network_key(net, shape: tuple[int, ...], version: str) -> str:
-    """A digest of the network's weights, its structure, the input shape and the runtime's version."""
-    digest = hashlib.sha256(f"{shape}|{version}|{net.config}".encode())
+def network_key(net, version: str) -> str:
+    """A digest of the network's weights, its structure and the runtime's version."""
+    digest = hashlib.sha256(f"{version}|{net.config}".encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().contiguous().numpy().tobytes())
@@ -106,13 +106,15 @@ class OpenVINORunner:
         with contextlib.suppress(Exception):   # OpenVINO's own cache of compiled networks
             self.core.set_property({"CACHE_DIR": str(cache_folder() / "openvino" / ".compiled")})
         self._compiled: OrderedDict = OrderedDict()
+        self._model = None
 
     def _compile(self, shape: tuple[int, ...], threads: int | None):
         key = (shape, threads)
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]
-        model = self._converted(shape)
+        model = self._converted(shape).clone()
+        model.reshape(list(shape))              # static shapes compile to the fastest kernels
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
                   "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -124,22 +126,26 @@ class OpenVINORunner:
         return compiled
 
     def _converted(self, shape: tuple[int, ...]):
-        """The network as an OpenVINO model for input ``shape``: from the cache, or converted now and
-        stored there (in a folder renamed into place whole, so no reader sees half a model)."""
+        """The network as an OpenVINO model with any batch, height and width (``shape`` is an example
+        input): kept in memory, else read from the cache, else converted now and stored there (in a
+        folder renamed into place whole, so no reader sees half a model)."""
+        if self._model is not None:
+            return self._model
         import torch
 
         root = cache_folder() / "openvino"
-        folder = root / network_key(self.net, shape, self._ov.__version__)
+        folder = root / network_key(self.net, self._ov.__version__)
         if (folder / "net.xml").is_file():
             try:
                 os.utime(folder)
-                return self.core.read_model(str(folder / "net.xml"))
+                self._model = self.core.read_model(str(folder / "net.xml"))
+                return self._model
             except Exception:   # a damaged cache entry: convert again
                 shutil.rmtree(folder, ignore_errors=True)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")    # the tracer's deprecation notes are not the user's business
             model = self._ov.convert_model(self.net.float().eval(), example_input=torch.zeros(shape),
-                                           input=[list(shape)])
+                                           input=[self._ov.PartialShape([-1, shape[1], -1, -1])])
         try:
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
@@ -154,6 +160,7 @@ class OpenVINORunner:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass   # no cache (read-only home, full disk): this run still has its model
+        self._model = model
         return model
 
     def __call__(self, batch: np.ndarray, threads: int | None = None) -> np.ndarray:
