@@ -8,10 +8,10 @@ whatever runs them; a backend only turns one batch of normalised tiles (B, C, H,
   the torch module once, for any batch and tile size (a few seconds), and kept, as OpenVINO's own
   model files, in the user cache folder (``UNET_CACHE``, default platformdirs' ``user_cache_dir("unet")``;
   at most 16 networks, the oldest removed first); each tile shape is then compiled for this CPU (a
-  fraction of a second, itself cached by OpenVINO). On
-  this project's benchmark CPU it runs the same network 1.4x (fp32) to 2.9x (bf16) faster than torch,
-  and its threads degrade far less when other jobs share the cores (``benchmarks/README.md``). It is
-  an optional dependency: ``pip install 'unet-cli[fast]'``.
+  fraction of a second, itself cached by OpenVINO). On this project's benchmark CPU (AMX) it runs
+  the shipped EM model in bf16 about 6x faster than torch in fp32 and 1.7x faster than torch in bf16,
+  and loses far less when other jobs share the cores (``benchmarks/README.md``). It is
+  an optional dependency: the ``fast`` extra (``pip install '.[fast]'``), or ``pip install openvino``.
 - ``auto``: OpenVINO on a CPU when it is installed, else torch.
 
 A library module: it never prints, and refuses with a one-line :class:`~unetcli.errors.ConfigError`.
@@ -75,7 +75,7 @@ def resolve_backend(name: str, device) -> str:
                               hint="use --device cpu, or --backend torch on a GPU")
         if not openvino_installed():
             raise ConfigError("--backend openvino: OpenVINO is not installed",
-                              hint="pip install 'unet-cli[fast]' (or pip install openvino), or use --backend torch")
+                              hint="pip install openvino (the fast extra: pip install '.[fast]'), or use --backend torch")
     return name
 
 
