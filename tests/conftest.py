@@ -102,3 +102,38 @@ def random_net(config, seed: int = 0):
             if getattr(m, "bias", None) is not None:
                 m.bias.normal_(0, 0.1)
     return net
+
+
+def bomb_jpeg(path: Path, side: int = 65000) -> Path:
+    """A JPEG of a few hundred bytes whose header declares side x side pixels."""
+    import io
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="JPEG", quality=50)
+    raw = bytearray(buf.getvalue())
+    sof = raw.find(b"\xff\xc0")
+    struct.pack_into(">HH", raw, sof + 5, side, side)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def split_safetensors(raw: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's bytes as (header, data)."""
+    import json
+    import struct
+
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def join_safetensors(header, data: bytes) -> bytes:
+    """(header as a dict, or its raw JSON bytes, data) back to a safetensors file's bytes."""
+    import json
+    import struct
+
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data

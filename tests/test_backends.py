@@ -115,4 +115,4 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
 @needs_openvino
 def test_openvino_refuses_fp16():
     with pytest.raises(ConfigError, match="fp32 or bf16"):
-        backends.OpenVINORunner(_net(VALID), 1, "fp16")
+        backends.OpenVINORunner(_net(VALID), "fp16")

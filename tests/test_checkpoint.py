@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import join_safetensors, split_safetensors
 from unetcli import checkpoint, tensorfile
 from unetcli.errors import ModelFileError
 from unetcli.model import UNet, UNetConfig
@@ -27,16 +28,6 @@ def _save(path, half=False, **kwargs):
     checkpoint.save_model(path, net.state_dict(), CFG, normalization={"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]},
                           class_names=["bg", "cell", "edge"], provenance={"data": "synthetic"}, half=half, **kwargs)
     return net
-
-
-def _split(raw: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
-def _join(header, data: bytes) -> bytes:
-    head = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(head)) + head + data
 
 
 def _legacy_bytes(net: torch.nn.Module, config: UNetConfig, **records) -> bytes:
@@ -88,7 +79,7 @@ def test_model_files_are_safetensors_that_other_tools_read(tmp_path):
     assert json.loads(meta["class_names"]) == ["bg", "cell", "edge"]
     assert json.loads(meta["postprocess"]) == {"min_size": 15} and json.loads(meta["inputs"]) == {"dtype": "uint8"}
     raw = (tmp_path / "m.unet").read_bytes()
-    _header, data = _split(raw)
+    _header, data = split_safetensors(raw)
     assert meta["weights_sha256"] == hashlib.sha256(data).hexdigest()
     assert (len(raw) - len(data)) % 8 == 0          # the data starts aligned, as safetensors writes it
     mf = checkpoint.load_model(tmp_path / "m.unet")
@@ -186,11 +177,11 @@ def test_truncated_foreign_and_future_files_give_one_line(tmp_path):
 
     _save(tmp_path / "ok.unet")
     raw = (tmp_path / "ok.unet").read_bytes()
-    header, data = _split(raw)
+    header, data = split_safetensors(raw)
     cases = {"cut": (raw[: len(raw) - 100], "truncated"), "head": (raw[:30], "truncated"),
              "tiny": (raw[:5], "truncated"), "text": (b"just text", "not a unet model")}
     future = dict(header, __metadata__=dict(header["__metadata__"], format_version="3"))
-    cases["future"] = (_join(future, data), "newer unet")
+    cases["future"] = (join_safetensors(future, data), "newer unet")
     flipped = bytearray(raw)
     flipped[-5] ^= 0xFF
     cases["flip"] = (bytes(flipped), "checksum")
@@ -206,24 +197,24 @@ def test_truncated_foreign_and_future_files_give_one_line(tmp_path):
 
 def _hostile_cases(raw: bytes) -> dict[str, tuple[bytes, str]]:
     """Headers an attacker or a broken tool could write, each with the words its refusal must carry."""
-    header, data = _split(raw)
+    header, data = split_safetensors(raw)
     meta = header["__metadata__"]
     first = next(k for k in header if k != "__metadata__")
     entry = header[first]
 
     def with_meta(**changes):
-        return _join(dict(header, __metadata__=dict(meta, **changes)), data)
+        return join_safetensors(dict(header, __metadata__=dict(meta, **changes)), data)
 
     def with_entry(**changes):
-        return _join(dict(header, **{first: dict(entry, **changes)}), data)
+        return join_safetensors(dict(header, **{first: dict(entry, **changes)}), data)
 
     config = json.loads(meta["config"])
     deep = "[" * 5000 + "]" * 5000
     return {
         "huge length": (struct.pack("<Q", 2**63 + 5) + raw[8:], "damaged model file \\(header of"),
         "length past end": (struct.pack("<Q", len(raw)) + raw[8:], "truncated"),
-        "deep JSON": (_join(dict(header, deep=json.loads("[" * 40 + "]" * 40)), data), "nested deeper"),
-        "deeper JSON": (_join(json.dumps(header)[:-1].encode() + b', "x": ' + deep.encode() + b"}", data),
+        "deep JSON": (join_safetensors(dict(header, deep=json.loads("[" * 40 + "]" * 40)), data), "nested deeper"),
+        "deeper JSON": (join_safetensors(json.dumps(header)[:-1].encode() + b', "x": ' + deep.encode() + b"}", data),
                         "nested too deeply"),
         "deep record": (with_meta(provenance="[" * 100 + "]" * 100), "provenance nested deeper"),
         "negative dim": (with_entry(shape=[-1] + entry["shape"][1:]), "has shape"),
@@ -233,13 +224,13 @@ def _hostile_cases(raw: bytes) -> dict[str, tuple[bytes, str]]:
         "size mismatch": (with_entry(dtype="F64"), "needs"),
         "offset past end": (with_entry(data_offsets=[len(data) * 4, len(data) * 4 + 100]), "damaged"),
         "huge tensor": (with_entry(shape=[2**40, 2**20], data_offsets=[0, 2**62]), "damaged"),
-        "gap": (_join(dict(header, **{first: dict(entry, data_offsets=[o + 8 for o in entry["data_offsets"]])}), data),
+        "gap": (join_safetensors(dict(header, **{first: dict(entry, data_offsets=[o + 8 for o in entry["data_offsets"]])}), data),
                 "damaged"),
-        "not a tensor": (_join(dict(header, extra={"dtype": "F32"}), data), "not a tensor entry"),
+        "not a tensor": (join_safetensors(dict(header, extra={"dtype": "F32"}), data), "not a tensor entry"),
         "metadata not strings": (with_meta(config=config), "strings"),
-        "duplicate keys": (_join(json.dumps(header)[:-1].encode() + b', "__metadata__": {}}', data), "duplicate key"),
+        "duplicate keys": (join_safetensors(json.dumps(header)[:-1].encode() + b', "__metadata__": {}}', data), "duplicate key"),
         "NaN": (with_meta(normalization='{"mean": [NaN, 0, 0], "std": [1, 1, 1]}'), "not a JSON number"),
-        "bad UTF-8": (_join(json.dumps(header).encode()[:-1] + b', "\xff": 1}', data), "not valid JSON"),
+        "bad UTF-8": (join_safetensors(json.dumps(header).encode()[:-1] + b', "\xff": 1}', data), "not valid JSON"),
         "depth as text": (with_meta(config=json.dumps(dict(config, depth="4"))), "config depth"),
         "channels as bool": (with_meta(config=json.dumps(dict(config, in_channels=True))), "config in_channels"),
         "depth out of range": (with_meta(config=json.dumps(dict(config, depth=99))), "config: depth"),
@@ -297,10 +288,10 @@ def test_loading_reads_only_the_header_before_refusing(tmp_path, monkeypatch):
     cfg = UNetConfig(depth=2, base=64, in_channels=1, num_classes=2)
     checkpoint.save_model(tmp_path / "big.unet", UNet(cfg).state_dict(), cfg)
     raw = (tmp_path / "big.unet").read_bytes()
-    header, data = _split(raw)
+    header, data = split_safetensors(raw)
     assert len(data) > 4 * 10**6
     meta = dict(header["__metadata__"], config=json.dumps(dict(cfg.to_dict(), base=-3)))
-    hostile = _join(dict(header, __metadata__=meta), data)
+    hostile = join_safetensors(dict(header, __metadata__=meta), data)
     (tmp_path / "hostile.unet").write_bytes(hostile)
     counts: list[int] = []
     real_open = open
@@ -317,9 +308,9 @@ def test_loading_reads_only_the_header_before_refusing(tmp_path, monkeypatch):
 
 def test_config_far_larger_than_the_weights_allocates_nothing(tmp_path):
     _save(tmp_path / "ok.unet")
-    header, data = _split((tmp_path / "ok.unet").read_bytes())
+    header, data = split_safetensors((tmp_path / "ok.unet").read_bytes())
     meta = dict(header["__metadata__"], config=json.dumps(dict(CFG.to_dict(), base=10**6)))
-    (tmp_path / "wide.unet").write_bytes(_join(dict(header, __metadata__=meta), data))
+    (tmp_path / "wide.unet").write_bytes(join_safetensors(dict(header, __metadata__=meta), data))
     mf = checkpoint.load_model(tmp_path / "wide.unet")      # a valid config: a wide network
     with pytest.raises(ModelFileError, match="shape"):
         mf.network()                                         # ~10^13 weights: checked on 'meta' first

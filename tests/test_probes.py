@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import bomb_jpeg, join_safetensors, split_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,39 +135,19 @@ def _instances(seed: int = 0, size: int = 64, count: int = 8) -> np.ndarray:
     return lab
 
 
-def _bomb_jpeg(path: Path, side: int = 65000) -> None:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="JPEG", quality=50)
-    raw = bytearray(buf.getvalue())
-    sof = raw.find(b"\xff\xc0")
-    struct.pack_into(">HH", raw, sof + 5, side, side)
-    path.write_bytes(bytes(raw))
-
-
-def _split(raw: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
-def _join(header: dict | bytes, data: bytes) -> bytes:
-    text = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + data
-
-
 def _damaged_models(folder: Path, raw: bytes) -> None:
     """Model files a broken tool or an attacker could write, each damaged in one field."""
-    header, data = _split(raw)
+    header, data = split_safetensors(raw)
     meta = header["__metadata__"]
     first = next(k for k in header if k != "__metadata__")
     entry = header[first]
     config = json.loads(meta["config"])
 
     def meta_with(**changes):
-        return _join(dict(header, __metadata__=dict(meta, **changes)), data)
+        return join_safetensors(dict(header, __metadata__=dict(meta, **changes)), data)
 
     def entry_with(**changes):
-        return _join(dict(header, **{first: dict(entry, **changes)}), data)
+        return join_safetensors(dict(header, **{first: dict(entry, **changes)}), data)
 
     no_shape = {k: v for k, v in entry.items() if k != "shape"}
     files = {
@@ -174,9 +155,9 @@ def _damaged_models(folder: Path, raw: bytes) -> None:
         "nan": meta_with(normalization='{"mean": [NaN], "std": [1.0]}'),
         "depth8": meta_with(config=json.dumps(dict(config, depth=8))),
         "base-huge": meta_with(config=json.dumps(dict(config, base=2 ** 20))),
-        "bad-noshape": _join(dict(header, **{first: no_shape}), data),
+        "bad-noshape": join_safetensors(dict(header, **{first: no_shape}), data),
         "bad-offsets": entry_with(data_offsets=[0.5, "x"]),
-        "bad-deep": _join(json.dumps(header)[:-1].encode() + b', "x": ' + b"[" * 200000
+        "bad-deep": join_safetensors(json.dumps(header)[:-1].encode() + b', "x": ' + b"[" * 200000
                           + b"]" * 200000 + b"}", data),
         "bad-provenance": meta_with(provenance="[1, 2]"),
         "bad-classnames": meta_with(class_names='{"a": 1}'),
@@ -196,12 +177,12 @@ def _damaged_runs(folder: Path, run: Path) -> None:
     state = folder / "r16-state"
     shutil.copytree(run, state)
     raw = (state / "train-state.bin").read_bytes()
-    header, data = _split(raw)
+    header, data = split_safetensors(raw)
     meta = dict(header["__metadata__"])
     provenance = json.loads(meta["provenance"])
     provenance["train_state"]["optimizer_state"] = [1, 2, 3]
     meta["provenance"] = json.dumps(provenance)
-    (state / "train-state.bin").write_bytes(_join(dict(header, __metadata__=meta), data))
+    (state / "train-state.bin").write_bytes(join_safetensors(dict(header, __metadata__=meta), data))
     as_list = folder / "r16-list"
     shutil.copytree(run, as_list)
     (as_list / "config.json").write_text("[1, 2, 3]\n")
@@ -241,7 +222,7 @@ def build(folder: Path, unet: list[str]) -> None:
     huge = image.astype(np.float64)
     huge[10:20, 10:20] = 1e300
     tifffile.imwrite(folder / "huge.tif", huge)
-    _bomb_jpeg(folder / "bomb.jpg")
+    bomb_jpeg(folder / "bomb.jpg")
     for sub in ("imgs", "labs"):
         (folder / sub).mkdir()
     for i in range(2):

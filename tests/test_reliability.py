@@ -8,10 +8,8 @@ temporary file left, every input unchanged (SHA-256 before and after).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -23,7 +21,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import ROOT, assert_one_line_error
+from conftest import assert_one_line_error, bomb_jpeg
 from unetcli import guards
 from unetcli.errors import ConfigError, ImageShapeError, ImageWriteError, TooLargeError
 
@@ -77,17 +75,6 @@ def mixed_stack(path: Path, *, same_type: bool = True) -> Path:
     lab = instances()
     tifffile.imwrite(path, lab)
     tifffile.imwrite(path, lab[:30, :30] if same_type else lab.astype(np.float32), append=True)
-    return path
-
-
-def bomb_jpeg(path: Path, side: int = 65000) -> Path:
-    """A JPEG of a few hundred bytes whose header declares side x side pixels."""
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="JPEG", quality=50)
-    raw = bytearray(buf.getvalue())
-    sof = raw.find(b"\xff\xc0")
-    struct.pack_into(">HH", raw, sof + 5, side, side)
-    path.write_bytes(bytes(raw))
     return path
 
 

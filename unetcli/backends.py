@@ -95,13 +95,13 @@ def import_openvino():
 class OpenVINORunner:
     """The torch network ``net`` compiled by OpenVINO for the CPU, in ``precision`` (fp32 or bf16)."""
 
-    def __init__(self, net, in_channels: int, precision: str = "fp32"):
+    def __init__(self, net, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"--backend openvino computes in fp32 or bf16, not {precision}",
                               hint="use --precision bf16 or fp32, or --backend torch")
         openvino = import_openvino()
         self._ov = openvino
-        self.net, self.in_channels, self.precision = net, in_channels, precision
+        self.net, self.precision = net, precision
         self.core = openvino.Core()
         with contextlib.suppress(Exception):   # OpenVINO's own cache of compiled networks
             self.core.set_property({"CACHE_DIR": str(cache_folder() / "openvino" / ".compiled")})

@@ -86,7 +86,7 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.amp_dtype = autocast_dtype(self.device, self.precision)
         self.backend = resolve_backend(backend, self.device)
-        self._runner = (OpenVINORunner(net, config.in_channels, self.precision)
+        self._runner = (OpenVINORunner(net, self.precision)
                         if self.backend == "openvino" else None)
         self.tile = parse_tile(tile)
         self.tile_note: str | None = None
