@@ -81,6 +81,23 @@ def test_openvino_networks_are_cached_and_reused(tmp_path, monkeypatch):
     assert len([p for p in (tmp_path / "openvino").iterdir() if not p.name.startswith(".")]) == 2
 
 
+@needs_openvino
+def test_compiled_tile_shapes_on_disk_are_bounded(tmp_path, monkeypatch):
+    """OpenVINO's compiled shapes live in their network's cache entry, at most a fixed number of them,
+    and the unbounded folder of earlier versions is removed."""
+    monkeypatch.setenv("UNET_CACHE", str(tmp_path))
+    legacy = tmp_path / "openvino" / ".compiled"
+    legacy.mkdir(parents=True)
+    (legacy / "old.blob").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(backends, "_COMPILED_KEPT", 2)
+    for tile in (124, 140, 156, 172):
+        _probs(VALID, "openvino", "fp32", tile=tile)
+    assert not legacy.exists()
+    (entry,) = [p for p in (tmp_path / "openvino").iterdir() if not p.name.startswith(".")]
+    blobs = list((entry / "compiled").iterdir())
+    assert 1 <= len(blobs) <= 2
+
+
 def test_auto_resolves_as_documented(monkeypatch):
     cpu = torch.device("cpu")
     expected = "openvino" if backends.openvino_installed() else "torch"

@@ -8,7 +8,7 @@ whatever runs them; a backend only turns one batch of normalised tiles (B, C, H,
   the torch module once, for any batch and tile size (a few seconds), and kept, as OpenVINO's own
   model files, in the user cache folder (``UNET_CACHE``, default platformdirs' ``user_cache_dir("unet")``;
   at most 16 networks, the oldest removed first); each tile shape is then compiled for this CPU (a
-  fraction of a second, itself cached by OpenVINO). On this project's benchmark CPU (AMX) it runs
+  fraction of a second, itself cached by OpenVINO in the network's entry, at most 24 shapes). On this project's benchmark CPU (AMX) it runs
   the shipped EM model in bf16 about 6x faster than torch in fp32 and 1.7x faster than torch in bf16,
   and loses far less when other jobs share the cores (``benchmarks/README.md``). It is
   an optional dependency: the ``fast`` extra (``pip install '.[fast]'``), or ``pip install openvino``.
@@ -37,6 +37,7 @@ from unetcli.errors import ConfigError
 BACKENDS = ("auto", "torch", "openvino")
 _SHAPES_KEPT = 4   # compiled networks kept per runner (one per tile shape; a run rarely has more than 2)
 _CACHED_NETWORKS = 16   # converted networks kept on disk
+_COMPILED_KEPT = 24     # compiled tile shapes kept on disk per network (about 30 MB each for em-membranes)
 
 
 def cache_folder() -> Path:
@@ -92,6 +93,23 @@ def import_openvino():
     return openvino
 
 
+def _keep_newest(folder: Path, count: int) -> None:
+    """Remove all but the ``count`` most recently used files of ``folder``. OpenVINO reads a compiled
+    shape again without writing it, so its last use is the access time where the file system keeps one
+    (Linux's default ``relatime`` updates it at least daily), else the time it was written."""
+    def used(p: Path) -> float:
+        st = p.stat()
+        return max(st.st_atime, st.st_mtime)
+
+    try:
+        files = sorted((p for p in folder.iterdir() if p.is_file()), key=used)
+    except OSError:
+        return
+    for old in files[:-count] if count else files:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
 class OpenVINORunner:
     """The torch network ``net`` compiled by OpenVINO for the CPU, in ``precision`` (fp32 or bf16)."""
 
@@ -103,10 +121,11 @@ class OpenVINORunner:
         self._ov = openvino
         self.net, self.precision = net, precision
         self.core = openvino.Core()
-        with contextlib.suppress(Exception):   # OpenVINO's own cache of compiled networks
-            self.core.set_property({"CACHE_DIR": str(cache_folder() / "openvino" / ".compiled")})
         self._compiled: OrderedDict = OrderedDict()
         self._model = None
+        self._folder: Path | None = None   # this network's cache entry, once converted
+        # unet 0.6 kept every compiled shape of every network in one folder that was never pruned
+        shutil.rmtree(cache_folder() / "openvino" / ".compiled", ignore_errors=True)
 
     def _compile(self, shape: tuple[int, ...], threads: int | None):
         key = (shape, threads)
@@ -119,7 +138,12 @@ class OpenVINORunner:
                   "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        blobs = self._folder / "compiled" if self._folder is not None else None
+        if blobs is not None:   # OpenVINO's own cache of compiled shapes, kept with the network (and removed with it)
+            config["CACHE_DIR"] = str(blobs)
         compiled = self.core.compile_model(model, "CPU", config)
+        if blobs is not None:
+            _keep_newest(blobs, _COMPILED_KEPT)
         self._compiled[key] = compiled
         while len(self._compiled) > _SHAPES_KEPT:
             self._compiled.popitem(last=False)
@@ -138,6 +162,7 @@ class OpenVINORunner:
         if (folder / "net.xml").is_file():
             try:
                 os.utime(folder)
+                self._folder = folder
                 self._model = self.core.read_model(str(folder / "net.xml"))
                 return self._model
             except Exception:   # a damaged cache entry: convert again
@@ -158,6 +183,7 @@ class OpenVINORunner:
                              key=lambda p: p.stat().st_mtime)
             for old in entries[:-_CACHED_NETWORKS]:
                 shutil.rmtree(old, ignore_errors=True)
+            self._folder = folder
         except OSError:
             pass   # no cache (read-only home, full disk): this run still has its model
         self._model = model
