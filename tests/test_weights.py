@@ -320,6 +320,16 @@ def test_command_stack_is_done_page_by_page(tmp_path, unet):
     assert tifffile.imread(tmp_path / "m.tif").shape == (3, 30, 40)
 
 
+def test_command_one_input_into_a_new_folder_named_with_a_slash(tmp_path, unet):
+    """`-o w/` names a folder (created) even for one input, as in predict: the slash is kept."""
+    write_image(tmp_path / "a.png", np.eye(12, dtype=np.uint8))
+    r = unet("weights", tmp_path / "a.png", "-o", f"{tmp_path / 'w'}/", "--mask-out", f"{tmp_path / 'm'}/")
+    assert r.code == 0, r
+    assert r.stdout.split() == [str(tmp_path / "w" / "a.tif")]
+    assert tifffile.imread(tmp_path / "w" / "a.tif").shape == (12, 12)
+    assert (tmp_path / "m" / "a.png").is_file()
+
+
 def test_command_many_inputs_to_a_folder_with_dataset_balance(tmp_path, unet):
     a = np.zeros((10, 10), np.uint8)
     a[:5] = 1                                   # 50 object pixels of 100

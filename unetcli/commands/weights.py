@@ -42,7 +42,10 @@ def command(
         help="Label images: instance labels (0 = background), binary masks (0/1, 0/255) or class maps "
              "with --classes; TIFF stacks are done page by page. A folder stands for the images in it; "
              "'-' reads stdin.")],
-    output: options.Output = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", metavar="PATH",
+        help="Output file, or folder for several inputs (an existing folder, or a name ending in '/'); "
+             "'-' writes to stdout.")] = None,
     foreground: options.Foreground = None,
     classes: options.Classes = None,
     balance: Annotated[Balance, typer.Option(
@@ -57,7 +60,7 @@ def command(
         "--border-width", metavar="PIXELS",
         help="Width of the background border carved between touching objects of instance labels "
              "(0: none).")] = _BORDER_WIDTH,
-    mask_out: Annotated[Optional[Path], typer.Option(
+    mask_out: Annotated[Optional[str], typer.Option(
         "--mask-out", metavar="PATH",
         help="Also write the training target the weights were computed for (carved borders; 0/255 for "
              "two classes, class indices otherwise): a file, or a folder for several inputs.")] = None,
@@ -131,12 +134,13 @@ def command(
         console.info(f"wrote {written} weight map{'s' if written != 1 else ''}")
 
 
-def _plan(target: Path, what: str, suffix: str | None, inputs: list[str], several: bool) -> list[Path] | Path:
-    """One path for one input, or a folder's paths (suffix None: decided per input) for several."""
+def _plan(text: str, what: str, suffix: str | None, inputs: list[str], several: bool) -> list[Path] | Path:
+    """One path for one input, or a folder's paths (suffix None: decided per input) for several. A name
+    ending in '/' is a folder even for one input (typed as text: a Path would drop the slash)."""
     from unetcli.errors import ConfigError
     from unetcli.images import format_from_name
 
-    text = str(target)
+    target = Path(text)
     as_folder = several or target.is_dir() or text.endswith(("/", "\\"))
     if not as_folder:
         return target
