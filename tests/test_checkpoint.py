@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+from pathlib import Path
 import struct
 import sys
 
@@ -348,6 +349,22 @@ def test_models_are_found_by_name_in_the_user_folder(tmp_path, monkeypatch):
     assert ("mine", tmp_path / "mine.unet", "A tiny test model for three classes.") in checkpoint.list_models()
     with pytest.raises(ModelFileError, match="no such model"):
         checkpoint.resolve_model("nonexistent-model")
+
+
+def test_a_data_folder_named_like_a_model_does_not_hide_it(tmp_path, monkeypatch):
+    """`-m nuclei` beside a folder `nuclei/` of images: the name still finds the model, while a folder
+    that holds a model wins, and a path-like name stays a path."""
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("UNET_MODELS", str(models))
+    _save(models / "mine.unet")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine" / "labels").mkdir(parents=True)
+    assert checkpoint.resolve_model("mine") == models / "mine.unet"
+    with pytest.raises(ModelFileError, match="holds no best.unet"):
+        checkpoint.resolve_model("./mine")
+    _save(tmp_path / "mine" / "best.unet")
+    assert checkpoint.resolve_model("mine") == Path("mine") / "best.unet"
 
 
 def test_model_folder_resolves_to_best(tmp_path):

@@ -14,7 +14,7 @@ from conftest import ROOT, assert_one_line_error
 from unetcli import __version__
 from unetcli.cli import _split_global_flags, app
 
-COMMANDS = ["weights", "augment", "train", "predict", "evaluate"]
+COMMANDS = ["weights", "augment", "train", "predict", "evaluate", "export"]
 
 
 def _click_commands():

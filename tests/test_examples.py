@@ -21,7 +21,7 @@ import pytest
 from unetcli.images import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("weights", "augment", "evaluate", "predict", "train")
+COMMANDS = ("weights", "augment", "evaluate", "predict", "train", "export")
 
 
 def _epilog_examples(command: str) -> list[str]:
@@ -112,6 +112,16 @@ def make_files(root: Path) -> None:
         write_image(root / "few" / f"e{i}.png", e, "YX")
         write_image(root / "few-labels" / f"e{i}.png", el, "YX")
     write_image(root / "new" / "s0.tif", _blobs(48, 56, 10)[0], "YX")   # step 4 of the pipeline finds *.tif
+    try:                                    # an OME-Zarr image (NGFF 0.4), as ome-zarr-py writes one
+        import zarr
+    except ImportError:
+        return
+    group = zarr.open_group(str(root / "img.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", data=img, chunks=(32, 32))
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                                                              {"name": "x", "type": "space", "unit": "micrometer"}],
+                                   "datasets": [{"path": "0", "coordinateTransformations": [
+                                       {"type": "scale", "scale": [0.5, 0.5]}]}]}]
 
 
 def _shorter(line: str) -> str:
@@ -146,6 +156,10 @@ FAST = [(c, ex) for c in ("weights", "augment", "evaluate", "predict") for ex in
 
 @pytest.mark.parametrize("command,example", FAST, ids=[f"{c}:{i}" for i, (c, _) in enumerate(FAST)])
 def test_help_examples_run(files, tmp_path, command, example):
+    if ".zarr" in example:
+        pytest.importorskip("zarr", reason="OME-Zarr examples need the interop extra (zarr)")
+    if ".zip" in example.split("#")[0]:
+        pytest.importorskip("roifile", reason="ROI set examples need the interop extra (roifile)")
     work = tmp_path / "w"
     shutil.copytree(files, work)
     r = _bash(_shorter(example), work, timeout=300)
@@ -164,6 +178,23 @@ def test_train_help_examples_run_in_order(files, tmp_path):
             continue          # a finished run has nothing to resume: tested in test_train_cli
         r = _bash(_shorter(example), work, timeout=600)
         assert r.returncode == 0, f"{example}\n{r.stderr[-1500:]}"
+
+
+@pytest.mark.slow
+def test_export_help_examples_run(files, tmp_path):
+    """`unet export`'s examples (the shipped models, each exported and checked: about a minute and a half)."""
+    pytest.importorskip("onnx", reason="ONNX export needs the export extra (onnx, onnxscript)")
+    from unetcli.checkpoint import resolve_model
+
+    work = tmp_path / "w"
+    shutil.copytree(files, work)
+    (work / "runs" / "nuclei").mkdir(parents=True)
+    shutil.copy(resolve_model("nuclei"), work / "runs" / "nuclei" / "best.unet")
+    write_image(work / "cells.png", _blobs(64, 64, 3)[0], "YX")
+    for example in _epilog_examples("export"):
+        r = _bash(example, work, timeout=600)
+        assert r.returncode == 0, f"{example}\n{r.stderr[-1500:]}"
+    assert (work / "em.zip").stat().st_size > 1 << 20 and (work / "em.onnx").stat().st_size > 1 << 20
 
 
 def test_readme_pipeline_runs_as_pasted(files, tmp_path):

@@ -73,6 +73,18 @@ def test_a_model_with_dataset_statistics_still_predicts_and_absorbs_other_types(
     assert _agreement(base, _mask(model, pic.astype(np.float32) / 255)) >= 0.999
 
 
+def test_a_dataset_model_rescales_each_image_from_its_own_statistics(tmp_path):
+    """One predictor over a uint16 file then a uint8 one (a folder run): the second image is normalised
+    with the model's own statistics, not those rescaled for the first."""
+    pic = _picture()[..., None]
+    model = _model(tmp_path / "old.unet", 1, norm={"mean": [float(pic.mean())], "std": [float(pic.std())]},
+                   inputs={"dtype": "uint8"})
+    pred = inference.load_predictor(model, device="cpu")
+    alone = pred.predict(pic)
+    pred.predict(pic.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(pred.predict(pic), alone)
+
+
 def test_a_dataset_model_warns_about_a_range_it_cannot_absorb(tmp_path, unet):
     pic = _picture()[..., None]
     _model(tmp_path / "old.unet", 1, norm={"mean": [float(pic.mean())], "std": [float(pic.std())]},
@@ -183,6 +195,27 @@ def test_three_class_decoding_separates_touching_objects_at_full_size():
         match = np.bincount(out[lab == k]).argmax()
         assert match > 0 and (out == match).sum() >= 0.97 * (lab == k).sum()
     assert (out > 0).sum() == (lab > 0).sum()       # the border class is given back to the objects
+
+
+def test_three_class_decoding_never_floods_a_separate_object():
+    """Two separate discs with a border rim each: each comes back whole, in one piece, as itself. (SciPy's
+    watershed reads a uint16 cost of 32768 or more as negative; the first disc's seed then took the
+    second disc's rim across the background.)"""
+    yy, xx = np.mgrid[:40, :60]
+    prob = np.zeros((3, 40, 60), np.float32)
+    prob[0] = 1
+    discs = []
+    for cy, cx in ((20, 15), (20, 40)):
+        d = np.hypot(yy - cy, xx - cx)
+        prob[:, d <= 6] = np.array([0, 1, 0], np.float32)[:, None]
+        prob[:, (d > 6) & (d <= 8)] = np.array([0, 0, 1], np.float32)[:, None]
+        discs.append(d <= 8)
+    out = instances.decode(prob)
+    assert out.max() == 2
+    for disc in discs:
+        (ids,) = np.unique(out[disc]).reshape(1, -1)
+        assert len(ids) == 1 and ids[0] > 0
+        np.testing.assert_array_equal(out == ids[0], disc)
 
 
 def test_two_class_decoding_keeps_carved_objects_apart_and_grows_them_back():

@@ -160,3 +160,19 @@ def test_fit_tile_rounds_for_same_padding_and_leaves_valid_tiles_to_the_exact_ch
     assert fit_tile(same, (512, 512)) == ((512, 512), None)
     valid = UNetConfig(base=4, depth=4)
     assert fit_tile(valid, (570, 570)) == ((570, 570), None)
+
+
+def test_choose_tile_needs_bounded_memory_on_huge_images():
+    """The search over (height, width) pairs runs a band at a time: a same-padding network has a
+    candidate side every 2**depth pixels, and the whole table for 6000 x 6000 would take ~200 MiB."""
+    import tracemalloc
+
+    cfg = UNetConfig(base=4, depth=2, padding="same")
+    tracemalloc.start()
+    try:
+        ty, tx = choose_tile(cfg, 6000, 6000, 2 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20, peak
+    assert ty % 4 == 0 and tx % 4 == 0 and ty <= 6000 and tx <= 6000

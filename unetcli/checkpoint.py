@@ -400,17 +400,18 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     p = Path(text)
     if p.is_file():
         return p
+    looks_like_path = os.sep in text or text.endswith(SUFFIX)
     if p.is_dir():
         for candidate in (p / "best.unet", p / "last.unet"):
             if candidate.is_file():
                 return candidate
-        raise ModelFileError(f"{text}: folder holds no best.unet or last.unet")
-    looks_like_path = os.sep in text or text.endswith(SUFFIX)
-    if not looks_like_path:
+    if not looks_like_path:   # a bare name: a folder of that name holding no model does not hide the model
         for folder in model_dirs():
             candidate = folder / f"{text}{SUFFIX}"
             if candidate.is_file():
                 return candidate
+    if p.is_dir():
+        raise ModelFileError(f"{text}: folder holds no best.unet or last.unet")
     names = ", ".join(m[0] for m in list_models()) or "none installed"
     raise ModelFileError(f"{text}: no such model file or model name", hint=f"known models: {names}")
 

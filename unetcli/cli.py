@@ -22,7 +22,7 @@ from typing import Optional
 import typer
 
 from unetcli import __version__, console
-from unetcli.commands import augment, evaluate, predict, train, weights
+from unetcli.commands import augment, evaluate, export, predict, train, weights
 from unetcli.errors import UnetError
 
 def _help_type(param, ctx, shown):
@@ -62,7 +62,7 @@ app = typer.Typer(
 )
 
 # The subcommands, in the order a user meets them.
-for module in (weights, augment, train, predict, evaluate):
+for module in (weights, augment, train, predict, evaluate, export):
     app.command(module.NAME, help=module.HELP, epilog=module.EPILOG)(module.command)
 
 

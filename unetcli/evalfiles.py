@@ -17,7 +17,7 @@ import numpy as np
 from unetcli.errors import ConfigError, ImageReadError, LabelError
 from unetcli.evaluation import Pair
 from unetcli.guards import check_memory, declared_shape
-from unetcli.images import image_files, read_image
+from unetcli.images import image_files, is_zarr, read_image
 from unetcli.labels import integer_labels, label_planes
 
 
@@ -60,7 +60,7 @@ def _match(predictions: Sequence[str], truth: str) -> tuple[list, list[tuple]]:
             preds.append("-")
             continue
         p = Path(arg)
-        if p.is_dir():
+        if p.is_dir() and not is_zarr(p):      # a folder of images (an OME-Zarr folder is one image)
             found = image_files(p)
             if not found:
                 raise ImageReadError(f"{p}: folder holds no image files (TIFF, PNG, JPEG, BMP)")
@@ -74,7 +74,7 @@ def _match(predictions: Sequence[str], truth: str) -> tuple[list, list[tuple]]:
     truth_path = Path(truth)
     if not truth_path.exists():
         raise ImageReadError(f"--truth {truth}: no such file or folder", hint="check the path")
-    if not truth_path.is_dir():
+    if not truth_path.is_dir() or is_zarr(truth_path):
         if len(preds) != 1:
             raise ConfigError(f"{len(preds)} predictions but --truth {truth} is one file",
                               hint="give a folder of truth files named like the predictions")

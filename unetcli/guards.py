@@ -78,8 +78,11 @@ def check_outputs(inputs: Iterable, outputs: Iterable) -> None:
     - an output written into a folder given as an input under the name of one of its images with
       another extension (``--mask-out labels/`` writing ``labels/x.png`` beside ``labels/x.tif``):
       the next run over that folder would take the output for an input;
-    - two outputs that are one file (the second would replace the first).
+    - two outputs that are one file (the second would replace the first);
+    - for Zarr images (``zarrio.check_inputs_outputs``): an output inside a Zarr input other than a
+      label image in its ``labels/`` group, and an output that would replace a folder holding an input.
     """
+    inputs, outputs = list(inputs), list(outputs)
     files: dict[Path, str] = {}
     idents: dict[tuple[int, int], str] = {}
     folders: dict[Path, str] = {}
@@ -121,6 +124,9 @@ def check_outputs(inputs: Iterable, outputs: Iterable) -> None:
             raise ConfigError(f"{given}: two outputs would be written to this one file (also {seen[path]})",
                               hint="give the outputs separate files or folders")
         seen[path] = str(given)
+    from unetcli.zarrio import check_inputs_outputs
+
+    check_inputs_outputs(inputs, outputs)
 
 
 # ------------------------------------------------------------------------------------- run-folder lock
@@ -334,6 +340,11 @@ def declared_shape(source, name: str | None = None) -> tuple[int, int, int] | No
     from unetcli.images import TIFF, check_tiff_series, sniff_format
 
     label = name or str(source if not isinstance(source, (bytes, bytearray)) else "<stdin>")
+    if not isinstance(source, (bytes, bytearray)):
+        from unetcli.zarrio import declared_shape as zarr_shape, is_zarr_path
+
+        if is_zarr_path(source):             # an OME-Zarr image: its metadata
+            return zarr_shape(source)
     try:
         if isinstance(source, (bytes, bytearray)):
             head, stream = bytes(source[:16]), io.BytesIO(source)

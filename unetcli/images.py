@@ -7,7 +7,8 @@ interrupted or failed command never leaves a truncated output. ``-`` as a path m
 
 TIFF goes through tifffile; PNG through imagecodecs (libpng: 1- to 16-bit grey, grey+alpha, palette,
 RGB and RGBA, interlaced or not, read and written exactly); JPEG and BMP through imageio's Pillow
-plugin. Palette images give their indices, not colours (label images are often stored so).
+plugin. An OME-Zarr folder (or Zarr array) is one image, read whole through ``zarrio`` (prediction
+reads it a band of rows at a time instead). Palette images give their indices, not colours (label images are often stored so).
 """
 
 from __future__ import annotations
@@ -58,27 +59,38 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return format_from_name(path) is not None
 
 
+def is_zarr(path: str | os.PathLike) -> bool:
+    """True for a Zarr image (an OME-Zarr folder ``NAME.zarr`` or a Zarr array): one image, not a
+    folder of images (``zarrio.is_zarr_path``; nothing of zarr imported)."""
+    from unetcli.zarrio import is_zarr_path
+
+    return is_zarr_path(path)
+
+
 def image_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name; hidden files (``.name``) are left out.
+    """The images directly in ``folder``, sorted by name: image files, and Zarr images (``NAME.zarr``
+    folders); hidden files (``.name``) are left out.
 
     The one rule for "a folder given as input" (predict, evaluate, weights, training data, the output
     guards). Raises OSError where the folder cannot be listed.
     """
     return sorted(f for f in Path(folder).iterdir()
-                  if not f.name.startswith(".") and f.is_file() and is_image_path(f))
+                  if not f.name.startswith(".") and ((f.is_file() and is_image_path(f))
+                                                     or (f.name.lower().endswith(".zarr") and is_zarr(f))))
 
 
 def expand_folders(args: list[str]) -> list[str]:
-    """Input arguments with every folder replaced by its :func:`image_files` (``-`` and files kept).
+    """Input arguments with every folder replaced by its :func:`image_files` (``-``, files and Zarr
+    images kept).
 
     Raises ImageReadError for a folder that holds no image file.
     """
     out: list[str] = []
     for arg in args:
-        if arg != "-" and Path(arg).is_dir():
+        if arg != "-" and Path(arg).is_dir() and not is_zarr(arg):
             found = [str(f) for f in image_files(arg)]
             if not found:
-                raise ImageReadError(f"{arg}: folder holds no image files (.tif, .png, .jpg, .bmp)")
+                raise ImageReadError(f"{arg}: folder holds no image files (.tif, .png, .jpg, .bmp, .zarr)")
             out.extend(found)
         else:
             out.append(arg)
@@ -144,6 +156,8 @@ def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
         p = Path(path)
         if not p.exists():
             raise ImageReadError(f"{name}: no such file", hint="check the path")
+        if is_zarr(p):                       # an OME-Zarr image or a Zarr array: one image
+            return _checked_pixels(_read_zarr(p, name, memory_budget), name)
         if p.is_dir():
             raise ImageReadError(f"{name}: is a folder, not an image file", hint="give image files")
         try:
@@ -170,6 +184,23 @@ def read_image(path: str | os.PathLike, *, memory_budget: int | None = None,
     except Exception as exc:  # codec errors come in many types; all mean a damaged file
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageReadError(f"{name}: damaged or truncated {fmt.upper()} file ({detail[:160]})") from exc
+    return _checked_pixels(arr, name)
+
+
+def _read_zarr(path: Path, name: str, budget: int | None) -> np.ndarray:
+    """A whole OME-Zarr image (or Zarr array) as (N, H, W, C), refused before decoding when too large."""
+    from unetcli import zarrio
+
+    img = zarrio.open_image(path)
+    _check_fits(name, img.canonical_shape, img.dtype.itemsize, budget)
+    try:
+        return img.read_all()
+    except MemoryError as exc:
+        raise TooLargeError(f"{name}: does not fit in memory") from exc
+
+
+def _checked_pixels(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` as read, or the error for pixels unet cannot use (none, NaN, beyond float32, complex)."""
     if arr.shape[1] == 0 or arr.shape[2] == 0:
         raise ImageShapeError(f"{name}: image has no pixels (shape {arr.shape[1]}x{arr.shape[2]})")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -215,6 +246,17 @@ def check_tiff_series(tf, name: str) -> None:
                                                 "3-D array), or as separate files")
 
 
+def check_tiff_complete(tf, name: str, size: int) -> None:
+    """Refuse a TIFF whose pages point past the end of its ``size`` bytes (a cut-short copy), before any
+    pixel is decoded."""
+    for page in tf.pages:
+        offsets = getattr(page, "dataoffsets", ()) or ()
+        counts = getattr(page, "databytecounts", ()) or ()
+        if any(o + c > size for o, c in zip(offsets, counts)):
+            raise ImageReadError(f"{name}: truncated TIFF file (image data runs past the end)",
+                                 hint="the file was cut short; copy or export it again")
+
+
 def _read_tiff(source, name: str, size: int, budget: int | None) -> np.ndarray:
     import tifffile
 
@@ -224,12 +266,7 @@ def _read_tiff(source, name: str, size: int, budget: int | None) -> np.ndarray:
         series = tf.series[0]
         check_tiff_series(tf, name)   # one rule: pages split into several series are never dropped
         _check_fits(name, tuple(series.shape), series.dtype.itemsize, budget)
-        for page in tf.pages:
-            offsets = getattr(page, "dataoffsets", ()) or ()
-            counts = getattr(page, "databytecounts", ()) or ()
-            if any(o + c > size for o, c in zip(offsets, counts)):
-                raise ImageReadError(f"{name}: truncated TIFF file (image data runs past the end)",
-                                     hint="the file was cut short; copy or export it again")
+        check_tiff_complete(tf, name, size)
         arr = series.asarray()
         axes = series.axes
     return _to_canonical(np.asarray(arr), axes, name)
@@ -401,10 +438,13 @@ def _normalise_layout(data: np.ndarray, layout: str | None) -> tuple[np.ndarray,
 
 
 def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name: str = "output",
-                 pixel_size: dict | None = None, classes: int | None = None) -> bytes:
+                 pixel_size: dict | None = None, classes: int | None = None, ome: bool = False,
+                 channel_names: list[str] | None = None) -> bytes:
     """The bytes of ``data`` as a ``fmt`` file. TIFF is zlib-compressed; with a ``pixel_size``
     (``tiffmeta``) or ``classes`` (probabilities: pages x classes) it is an ImageJ TIFF carrying the
-    calibration and the hyperstack axes, where ImageJ can hold the pixel type."""
+    calibration and the hyperstack axes, where ImageJ can hold the pixel type. With ``ome`` (grey
+    data) it is an OME-TIFF instead: physical sizes and ``channel_names`` (the classes of
+    probabilities) in its OME-XML."""
     data, layout = _normalise_layout(np.asarray(data), layout)
     if data.dtype == bool:
         data = data.astype(np.uint8)
@@ -417,6 +457,11 @@ def encode_image(data: np.ndarray, fmt: str, layout: str | None = None, *, name:
         from unetcli import tiffmeta
 
         colour = layout.endswith("C") and data.shape[-1] in (3, 4) and data.dtype == np.uint8
+        if ome and not layout.endswith("C"):
+            opts = tiffmeta.ome_options(data.shape, layout, pixel_size, classes, channel_names)
+            shape = opts.pop("shape", None)
+            tifffile.imwrite(buf, data.reshape(shape) if shape else data, compression="zlib", **opts)
+            return buf.getvalue()
         imagej = tiffmeta.imagej_options(data, layout, pixel_size, classes)
         if imagej:
             shape = imagej.pop("shape", None)
@@ -457,11 +502,12 @@ def write_stream(stream: BinaryIO, payload: bytes, chunk: int = 1 << 20) -> None
 
 def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = None, *,
                 fmt: str | None = None, pixel_size: dict | None = None, classes: int | None = None,
-                stream: BinaryIO | None = None) -> None:
+                stream: BinaryIO | None = None, channel_names: list[str] | None = None) -> None:
     """Write ``data`` atomically to ``path`` (``-``: stdout, then ``fmt`` is needed).
 
     ``layout`` is 'YX', 'YXC', 'ZYX' or 'ZYXC' (the canonical layout of ``read_image``); 2-D and 4-D
-    arrays need none. The format comes from ``fmt`` or the file name.
+    arrays need none. The format comes from ``fmt`` or the file name; a name ending ``.ome.tif`` or
+    ``.ome.tiff`` gives an OME-TIFF (pixel size and ``channel_names`` in its OME-XML).
     """
     name = "<stdout>" if str(path) == "-" else str(path)
     fmt = fmt or (None if str(path) == "-" else format_from_name(path))
@@ -471,7 +517,10 @@ def write_image(path: str | os.PathLike, data: np.ndarray, layout: str | None = 
         raise ImageWriteError(f"{name}: unknown output format", hint="use a .tif, .tiff or .png name")
     if fmt not in WRITE_FORMATS:
         raise ImageWriteError(f"{name}: cannot write {fmt.upper()}; write .tif or .png")
-    payload = encode_image(data, fmt, layout, name=name, pixel_size=pixel_size, classes=classes)
+    from unetcli.tiffmeta import is_ome_name
+
+    payload = encode_image(data, fmt, layout, name=name, pixel_size=pixel_size, classes=classes,
+                           ome=fmt == TIFF and is_ome_name(path), channel_names=channel_names)
     if str(path) == "-":
         if stream is None:
             raise ImageWriteError("<stdout>: no stream to write to", hint="pass stream=sys.stdout.buffer")

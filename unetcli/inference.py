@@ -42,7 +42,7 @@ Progress = Callable[[int, int], None]
 _D4 = [(t, fy, fx) for t in (False, True) for fy in (False, True) for fx in (False, True)]
 
 
-def _transform(a: np.ndarray, g: tuple[bool, bool, bool], axes: tuple[int, int]) -> np.ndarray:
+def dihedral_view(a: np.ndarray, g: tuple[bool, bool, bool], axes: tuple[int, int]) -> np.ndarray:
     """Apply the dihedral element ``g`` = (transpose, flip rows, flip cols) to two axes (a view)."""
     t, fy, fx = g
     ay, ax = axes
@@ -111,6 +111,7 @@ class Predictor:
         self.std = None if std is None else np.asarray(std, np.float32).reshape(c)
         self.normalization = normalization     # a per-image rule (normalize): mean/std set per image
         self.trained_dtype = trained_dtype     # dataset rule: the pixel type its statistics are in
+        self._dataset_stats = (self.mean, self.std)   # as given: an image of another type rescales a copy
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be at least 1, not {threads}")
         self.threads = None if threads is None else int(threads)
@@ -192,6 +193,7 @@ class Predictor:
         if self.normalization is None:
             return
         if normalize.kind(self.normalization) == "dataset":
+            self.mean, self.std = self._dataset_stats   # never the previous image's rescaled statistics
             if self.trained_dtype and src.dtype != np.dtype(self.trained_dtype):
                 sample = src.array if isinstance(src, ArraySource) else np.zeros((1, 1, 1, src.shape[-1]), src.dtype)
                 self.mean, self.std = normalize.image_stats(self.normalization, sample, self.trained_dtype)
@@ -354,8 +356,8 @@ class Predictor:
         h, w = page.shape[:2]
         acc = np.zeros((k, h, w), np.float32)
         for g in _D4:
-            view = _transform(page, g, (0, 1))           # the transformed image (a view)
-            target = _transform(acc, g, (1, 2))          # the accumulator seen in the same frame
+            view = dihedral_view(page, g, (0, 1))           # the transformed image (a view)
+            target = dihedral_view(acc, g, (1, 2))          # the accumulator seen in the same frame
             for _n, y0, block in self._stream(ArraySource(view), held=held):
                 target[:, y0:y0 + block.shape[1]] += block
         acc /= len(_D4)

@@ -8,9 +8,10 @@ Two decodings, chosen by the model's classes:
   no other object reaches at the same step), so labels cover the objects' full extent.
 - **three classes** (background, interior, border between and around objects): seeds are the
   4-connected components of ``p_interior > seed`` (at least ``min_seed`` pixels); the foreground is
-  ``1 - p_background > threshold``; every foreground pixel joins the seed it reaches by the path of
-  lowest highest ``1 - p_interior`` (a seeded watershed, ``scipy.ndimage.watershed_ift``) without leaving
-  the foreground, so the border class given back to the objects restores their full extent. A foreground
+  ``1 - p_background > threshold``; every foreground pixel joins the seed it reaches by the path whose
+  largest step in ``1 - p_interior`` is smallest (the image foresting transform of
+  ``scipy.ndimage.watershed_ift``, whose steps cost the difference of neighbours) without leaving the
+  foreground, so the border class given back to the objects restores their full extent. A foreground
   component without a seed becomes one object.
 
 Both then drop objects under ``min_size`` pixels. :func:`tune` searches these parameters on
@@ -126,9 +127,13 @@ def decode_three(prob: np.ndarray, params: DecodeParams) -> np.ndarray:
             seeds = np.where(lone, extra + seeds.max(initial=0), seeds)
     if seeds.max(initial=0) == 0:
         return np.zeros(prob.shape[1:], np.uint16)
-    # cost: 0..65534 inside the foreground, 65535 outside, so a pixel is always reached from a seed of its
-    # own foreground component before any path through the background can reach it
-    cost = np.where(fg, np.round((1.0 - prob[1]) * 65534.0), 65535).astype(np.uint16)
+    # SciPy's watershed_ift weighs a step between neighbours by the absolute difference of their costs
+    # (a path costs its largest step), not by the cost of the pixel entered. Costs 0..32767 inside the
+    # foreground and 65535 outside make any step into the background (>= 32768) dearer than every step
+    # inside it, so each pixel is reached from a seed of its own foreground component first. (0..65534
+    # and 65535 made the step out of an object's border into the background the cheapest of all: seeds
+    # took other objects' borders across the background.)
+    cost = np.where(fg, np.round((1.0 - prob[1]) * 32767.0), 65535).astype(np.uint16)
     markers = seeds.astype(np.int32)
     flooded = ndimage.watershed_ift(cost, markers, structure=_EIGHT)
     flooded[~fg] = 0

@@ -37,6 +37,11 @@ Format = Annotated[Optional[str], typer.Option(
     "--format", metavar="tiff|png", autocompletion=choices("tiff", "png"),
     help="Output format for stdout ('-') and for the files written into an output folder; otherwise "
          "taken from the output file's name.")]
+PredictFormat = Annotated[Optional[str], typer.Option(
+    "--format", metavar="tiff|png|zarr|zip|geojson", autocompletion=choices("tiff", "png", "zarr", "zip", "geojson"),
+    help="Output format for stdout ('-') and for the files written into an output folder; otherwise "
+         "taken from the output file's name. zarr: OME-Zarr; zip (ImageJ ROI set) and geojson (QuPath) "
+         "hold the outlines of --output-type labels.")]
 Foreground = Annotated[Optional[str], typer.Option(
     "--foreground", metavar="VALUES",
     help="Label values that mean object (e.g. 255 for the ISBI convention, where 0 is membrane); "
@@ -51,4 +56,4 @@ Output = Annotated[Optional[Path], typer.Option(
 OutputName = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH",
     help="Output file for one input; a folder (a name ending in '/', an existing folder, or a name "
-         "without an image extension) for several; '-' writes to stdout.")]
+         "without an image, .zarr, .zip or .geojson extension) for several; '-' writes to stdout.")]

@@ -4,7 +4,9 @@ Inputs go through the predictor one after another. The next input is read in a b
 while the current one is predicted, and each output is written in another thread while the next input
 is predicted (one write in flight at a time). A uint8 class map without post-processing, going to a
 TIFF file, is streamed: tile rows become compressed strips as they finish, so only one band of the
-mask is ever held. With provenance, a JSON record ``OUTPUT.json`` goes beside each output once the
+mask is ever held; masks and probabilities going to OME-Zarr are streamed likewise, a chunk row at a
+time (``zarrio.ZarrOutput``), and OME-Zarr inputs are read a band of rows at a time
+(``zarrio.ZarrRows``). With provenance, a JSON record ``OUTPUT.json`` goes beside each output once the
 output exists: input and model hashes, every parameter, the software, the command line given.
 
 The caller resolves stdin and stdout: an input is a file's path or the bytes of an image, an output a
@@ -64,7 +66,8 @@ class Output:
     fill_holes: bool = False
     largest_component: bool = False
     decode: Any = None                    # labels: ``instances.DecodeParams``
-    fmt: str | None = None                # a stream output's format ('tiff' or 'png'; default tiff)
+    fmt: str | None = None                # a stream output's format ('tiff', 'png', or for labels 'zip'
+                                          # or 'geojson': ``roifiles``; default tiff)
 
     @property
     def post(self) -> bool:
@@ -167,10 +170,11 @@ class _Run:
     # -- reading ------------------------------------------------------------------------------------
 
     def load(self, job: Job) -> _Loaded:
-        """Read one input (a huge striped TIFF as a row source), hashed for provenance, channels adapted."""
-        from unetcli import normalize
+        """Read one input (a huge striped TIFF or any OME-Zarr image as a row source), hashed for
+        provenance, channels adapted."""
+        from unetcli import normalize, zarrio
         from unetcli.images import TIFF, format_from_name, read_image
-        from unetcli.sources import TiffRows
+        from unetcli.sources import ChannelRows, TiffRows
 
         mf = self.model
         k = mf.config.in_channels
@@ -179,11 +183,15 @@ class _Run:
         if self.provenance is not None:
             if raw is not None:
                 digest, size = prov.sha256_bytes(raw), len(raw)
+            elif zarrio.is_zarr_path(job.source):
+                digest, size = zarrio.digest(job.source)
             else:
                 digest, size = prov.sha256_file(job.source), os.path.getsize(job.source)
         self.check_memory(job, raw)
         arr = None
-        if raw is None and (format_from_name(job.source) == TIFF or Path(job.source).suffix == ""):
+        if raw is None and zarrio.is_zarr_path(job.source):
+            arr = zarrio.ZarrRows.open(job.source)                          # chunks decoded on demand
+        elif raw is None and (format_from_name(job.source) == TIFF or Path(job.source).suffix == ""):
             arr = TiffRows.open(job.source, min_bytes=STREAM_TIFF_BYTES)   # rows decoded on demand
         if arr is None:                                                     # anything else (or errors): whole
             arr = read_image("-", stdin_bytes=raw) if raw is not None else read_image(job.source)
@@ -192,6 +200,14 @@ class _Run:
             arr, note = normalize.adapt_channels(arr, k, self.channels, name)
             if note:
                 self.on_note("detail", note)
+        elif self.channels is not None or arr.shape[-1] != k:            # a row source: band by band
+            try:
+                arr = ChannelRows(arr, k, self.channels, name)
+            except BaseException:
+                arr.close()
+                raise
+            if arr.note:
+                self.on_note("detail", arr.note)
         if isinstance(arr, np.ndarray) and arr.shape[-1] == k:
             warning = normalize.range_warning(mf.normalization, arr, (mf.inputs or {}).get("dtype"), name)
             if warning:
@@ -218,20 +234,41 @@ class _Run:
 
         may_stream = raw is None and format_from_name(job.source) == TIFF     # perhaps read strip by strip
         image = 0 if may_stream else n * h * w * self.model.config.in_channels * 4   # float32 copies
-        guards.check_memory(float(n) * h * w * per_pixel + image,
+        from unetcli import zarrio
+
+        if raw is None and zarrio.is_zarr_path(job.source):                 # read a band at a time
+            image = zarrio.stream_bytes(zarrio.open_image(job.source))
+        guards.check_memory(float(n) * h * w * per_pixel + image + self.writer_bytes(job, n, h, w),
                             f"predicting {w}x{h} pixels{f' x {n} pages' if n > 1 else ''}", job.input_name)
 
     # -- one input ----------------------------------------------------------------------------------
 
     def result_bytes_per_pixel(self, job: Job) -> int:
-        """Host bytes per pixel of the result kept whole (a streamed mask keeps one band only)."""
+        """Host bytes per pixel of the result kept whole (a streamed result keeps one band only)."""
         k = self.model.config.num_classes
-        return {"probs": 4 * k, "mask": 0 if self.streamed(job) else 1, "labels": 4 * k + 4}[self.output.kind]
+        streamed = self.streamed(job)
+        return {"probs": 0 if streamed else 4 * k, "mask": 0 if streamed else 1,
+                "labels": 4 * k + 4}[self.output.kind]
 
     def streamed(self, job: Job) -> bool:
+        """Written as rows finish: a mask to a TIFF, a mask or probabilities to OME-Zarr."""
+        from unetcli.zarrio import is_zarr_output
+
         out = job.output
-        return (self.output.kind == "mask" and not self.output.post and isinstance(out, str)
-                and out.lower().endswith((".tif", ".tiff")))
+        if not isinstance(out, str) or self.output.post:
+            return False
+        if self.output.kind == "mask" and out.lower().endswith((".tif", ".tiff")):
+            return True
+        return self.output.kind in ("mask", "probs") and is_zarr_output(out)
+
+    def writer_bytes(self, job: Job, n: int, h: int, w: int) -> int:
+        """Host bytes a streamed OME-Zarr output holds while rows arrive (one chunk row)."""
+        from unetcli import zarrio
+
+        if not (self.streamed(job) and zarrio.is_zarr_output(job.output)):
+            return 0
+        k = self.model.config.num_classes if self.output.kind == "probs" else None
+        return zarrio.buffer_bytes(zarrio.Geometry.of_pages(n, h, w), np.float32 if k else np.uint8, k)
 
     def reduce(self, name: str) -> Callable[[np.ndarray], np.ndarray]:
         """Probabilities -> class map, refusing non-finite probabilities first."""
@@ -252,9 +289,10 @@ class _Run:
         pred, stack = self.predictor, loaded.source
         n, h, w = stack.shape[:3]
         streamed = self.streamed(job)
-        held = pred.held_bytes(stack, self.result_bytes_per_pixel(job))
+        held = pred.held_bytes(stack, self.result_bytes_per_pixel(job)) + self.writer_bytes(job, n, h, w)
         plan = pred.plan(h, w, held)
-        calibration = None if isinstance(job.source, bytes) else tiffmeta.pixel_size(job.source)
+        calibration = (stack.pixel_size if hasattr(stack, "pixel_size")        # an OME-Zarr image's own
+                       else None if isinstance(job.source, bytes) else tiffmeta.pixel_size(job.source))
         start = time.perf_counter()
         data = None
         total = plan.count * n * (8 if pred.tta else 1)
@@ -263,9 +301,9 @@ class _Run:
             if streamed:
                 self.finish(written)
                 written = None
-                write_mask_streaming(job.output, pred, stack, self.reduce(job.output_name), held, calibration)
+                dtype = self.stream(job, stack, held, calibration)
                 if self.provenance is not None:
-                    write_provenance(job.output, self.record(job, loaded, plan, start, "uint8"))
+                    write_provenance(job.output, self.record(job, loaded, plan, start, dtype))
                 self.on_written(job.output)
             else:
                 data, layout = self.compute(job, stack, held)
@@ -275,6 +313,54 @@ class _Run:
             written = self.write(job, loaded, data, layout, plan, start, calibration, writer)
         self.on_done(Report(job.input_name, job.output_name, (n, h, w), plan.tile, plan.count * n, secs))
         return written
+
+    def stream(self, job: Job, stack, held: int, calibration) -> str:
+        """Predict and write a streamed output as rows finish (a mask to a TIFF or OME-TIFF, a mask or
+        probabilities to OME-Zarr); returns the pixel type written."""
+        from unetcli import tiffmeta, zarrio
+
+        pred = self.predictor
+        if not zarrio.is_zarr_output(job.output):
+            write_mask_streaming(job.output, pred, stack, self.reduce(job.output_name), held, calibration,
+                                 ome=tiffmeta.is_ome_name(job.output))
+            return "uint8"
+        probs = self.output.kind == "probs"
+        k = self.model.config.num_classes if probs else None
+        dtype = np.dtype(np.float32 if probs else np.uint8)
+        with zarrio.ZarrOutput(job.output, zarrio.geometry_of(stack, calibration), dtype, kind=self.output.kind,
+                               channels=k, channel_names=self.class_names() if probs else None,
+                               attrs=self.zarr_attrs()) as out:
+            for page, y0, block in pred.iter_blocks(stack, None if probs else self.reduce(job.output_name),
+                                                    np.uint8, held):
+                if probs:
+                    guards.check_finite(block, job.output_name, hint=_OVERFLOW)
+                out.add_rows(page, y0, block)
+        return dtype.name
+
+    def class_names(self) -> list[str]:
+        names = list(self.model.class_names or [])
+        k = self.model.config.num_classes
+        return names if len(names) == k else [f"class{i}" for i in range(k)]
+
+    def zarr_attrs(self) -> dict:
+        """unet's record in an OME-Zarr output (also the mark that lets a later run replace it)."""
+        from unetcli import __version__
+
+        return {"version": __version__, "model": self.model.name, "model_sha256": self.model.sha256}
+
+    def write_zarr(self, job: Job, loaded: _Loaded, data: np.ndarray, plan, start: float, calibration,
+                   writer: ThreadPoolExecutor):
+        """Start writing a whole result (labels, a cleaned mask) as OME-Zarr in the background."""
+        from unetcli import zarrio
+
+        probs = self.output.kind == "probs"
+        record = (self.record(job, loaded, plan, start, data.dtype.name)
+                  if self.provenance is not None else None)
+        future: Future = writer.submit(
+            zarrio.write_array, job.output, data, zarrio.geometry_of(loaded.source, calibration),
+            kind=self.output.kind, channels=self.model.config.num_classes if probs else None,
+            channel_names=self.class_names() if probs else None, attrs=self.zarr_attrs())
+        return future, job.output, record
 
     def compute(self, job: Job, stack, held: int) -> tuple[np.ndarray, str]:
         """The output array of one input (probabilities, labels or a mask) and its layout."""
@@ -308,7 +394,15 @@ class _Run:
         """Write to a stream now, or start writing a file in the background; returns the write in flight."""
         from unetcli.images import encode_image, write_image, write_stream
 
+        outline = self.outline_format(job)
+        if outline is not None:                           # labels as ImageJ ROIs or QuPath GeoJSON
+            return self.write_outlines(job, loaded, data, plan, start, writer, outline)
+        from unetcli.zarrio import is_zarr_output
+
+        if isinstance(job.output, str) and is_zarr_output(job.output):
+            return self.write_zarr(job, loaded, data, plan, start, calibration, writer)
         classes = self.model.config.num_classes if self.output.kind == "probs" else None
+        names = self.class_names() if classes else [self.output.kind]   # OME-TIFF channel names
         if not isinstance(job.output, str):
             payload = encode_image(data, self.output.fmt or "tiff", layout, name="<stdout>",
                                    pixel_size=calibration, classes=classes)
@@ -317,8 +411,36 @@ class _Run:
         record = (self.record(job, loaded, plan, start, data.dtype.name)
                   if self.provenance is not None else None)
         future: Future = writer.submit(write_image, job.output, data, layout, pixel_size=calibration,
-                                       classes=classes)
+                                       classes=classes, channel_names=names)
         return future, job.output, record
+
+    def outline_format(self, job: Job) -> str | None:
+        """'zip' or 'geojson' for labels written as outlines (by the file's name, or ``fmt`` for a stream)."""
+        from unetcli.roifiles import FORMATS, outline_format
+
+        if isinstance(job.output, str):
+            return outline_format(job.output)
+        return self.output.fmt if self.output.fmt in FORMATS else None
+
+    def write_outlines(self, job: Job, loaded: _Loaded, data: np.ndarray, plan, start: float,
+                       writer: ThreadPoolExecutor, fmt: str):
+        """Labels traced into an ROI set or a GeoJSON file: to a stream now, or to a file in the
+        background (the tracing included); the objects' class is the model's object class."""
+        from unetcli import roifiles
+        from unetcli.errors import ConfigError
+        from unetcli.images import write_stream
+
+        if self.output.kind != "labels":
+            raise ConfigError(f"{job.output_name}: outline files hold instance labels, not {self.output.kind}",
+                              hint="predict with output type labels, or write a .tif")
+        names = list(self.model.class_names or [])
+        options = {"classification": names[1] if len(names) == 2 else "object"}
+        if not isinstance(job.output, str):
+            write_stream(job.output, roifiles.encode(data, fmt, name="<stdout>", **options))
+            return None
+        record = (self.record(job, loaded, plan, start, data.dtype.name)
+                  if self.provenance is not None else None)
+        return writer.submit(roifiles.write, job.output, data, fmt, **options), job.output, record
 
     # -- provenance ---------------------------------------------------------------------------------
 
@@ -331,10 +453,16 @@ class _Run:
                     batch_used=batch_used, device_used=str(pred.device),
                     threads_used=pred.threads_for(plan, batch_used))
         source = "<stdin>" if isinstance(job.source, bytes) else os.path.abspath(job.source)
+        names = getattr(stack, "channel_names", None)            # an OME-Zarr image's, else an OME-TIFF's
+        if names is None and not isinstance(job.source, bytes):
+            from unetcli.tiffmeta import channel_names
+
+            names = channel_names(job.source)
         return {"input": {"path": source, "sha256": loaded.digest, "bytes": loaded.size, "shape": [n, h, w, c],
-                          "dtype": stack.dtype.name},
+                          "dtype": stack.dtype.name, "channel_names": names},
                 "output": {"type": self.output.kind, "dtype": dtype,
-                           "format": "png" if job.output_name.lower().endswith(".png") else "tiff"},
+                           "format": self.outline_format(job) or
+                           _file_format(job.output_name)},
                 "model": {"name": mf.name, "path": str(mf.path.resolve()) if mf.path else None,
                           "sha256": mf.sha256, "config": mf.config.to_dict(), "trained": mf.provenance},
                 "parameters": used, "environment": self.environment,
@@ -353,12 +481,31 @@ class _Ticker:
         self.last = done
 
 
+def _file_format(name: str) -> str:
+    """The format a file output is written in, by its name: png, ome-tiff, zarr (OME-Zarr) or tiff."""
+    from unetcli.tiffmeta import is_ome_name
+    from unetcli.zarrio import is_zarr_output
+
+    low = name.lower()
+    if low.endswith(".png"):
+        return "png"
+    if is_ome_name(low):
+        return "ome-tiff"
+    return "zarr" if name != "<stdout>" and is_zarr_output(name) else "tiff"
+
+
 def write_provenance(out: str, record: dict) -> None:
     """The JSON record ``OUT.json`` of one output, written atomically after the output itself."""
     from unetcli.atomic import write_bytes_atomic
 
     record = dict(record)
-    record["output"] = dict(record["output"], path=os.path.abspath(out), sha256=prov.sha256_file(out))
+    if os.path.isdir(out):                                 # an OME-Zarr output: every file in it
+        from unetcli.zarrio import digest
+
+        sha = digest(out, whole=True)[0]
+    else:
+        sha = prov.sha256_file(out)
+    record["output"] = dict(record["output"], path=os.path.abspath(out), sha256=sha)
     record["created"] = prov.utc_now()
     text = json.dumps(record, indent=2) + "\n"
     try:
@@ -392,9 +539,10 @@ def _mask_strips(blocks, height: int, width: int):
             filled = 0
 
 
-def write_mask_streaming(path: str, predictor, stack, reduce, held: int, pixel_size: dict | None = None) -> None:
+def write_mask_streaming(path: str, predictor, stack, reduce, held: int, pixel_size: dict | None = None,
+                         ome: bool = False) -> None:
     """Predict and write a uint8 class map tile row by tile row; only one band is ever held. A
-    ``pixel_size`` is written as ImageJ calibration."""
+    ``pixel_size`` is written as ImageJ calibration, or with ``ome`` as OME-XML physical sizes."""
     import tifffile
 
     from unetcli import tiffmeta
@@ -406,10 +554,15 @@ def write_mask_streaming(path: str, predictor, stack, reduce, held: int, pixel_s
     blocks = predictor.iter_blocks(stack, reduce, np.uint8, held)
     try:
         with atomic_output(path) as tmp:
-            calib = tiffmeta.imagej_options(np.zeros((n, 1, 1) if n > 1 else (1, 1), np.uint8),
-                                            "ZYX" if n > 1 else "YX", pixel_size)
-            calib.setdefault("metadata", None)
+            if ome:
+                calib = tiffmeta.ome_options(shape, "ZYX" if n > 1 else "YX", pixel_size, names=["mask"])
+                calib.pop("shape", None)
+            else:
+                calib = tiffmeta.imagej_options(np.zeros((n, 1, 1) if n > 1 else (1, 1), np.uint8),
+                                                "ZYX" if n > 1 else "YX", pixel_size)
+                calib.setdefault("metadata", None)
+                calib["photometric"] = "minisblack"
             tifffile.imwrite(tmp, data=_mask_strips(blocks, h, w), shape=shape, dtype=np.uint8,
-                             compression="zlib", rowsperstrip=rows, photometric="minisblack", **calib)
+                             compression="zlib", rowsperstrip=rows, **calib)
     except OSError as exc:
         raise ImageWriteError(f"{path}: cannot write ({exc.strerror})") from exc

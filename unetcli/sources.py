@@ -2,8 +2,9 @@
 
 A source has ``shape`` (N, H, W, C), ``dtype``, ``nbytes`` (what it keeps in memory), ``rows(page,
 index)`` (a band of rows of one page, by slice or row numbers), ``page(n)`` and ``close()``. The
-predictor cuts its tiles from row bands, so a source that decodes on demand (:class:`TiffRows`) lets a
-huge TIFF be predicted with memory for a band of rows, not for the image.
+predictor cuts its tiles from row bands, so a source that decodes on demand (:class:`TiffRows`, and
+``zarrio.ZarrRows`` for OME-Zarr images) lets a huge image be predicted with memory for a band of rows,
+not for the image. :class:`ChannelRows` picks and adapts the channels of such a source band by band.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class TiffRows:
                 raise ValueError("several series")
             series = tf.series[0]
             axes = series.axes
-            core = axes[1:] if len(axes) in (3, 4) and axes[0] not in "CS" else axes
+            core = axes[1:] if len(axes) in (3, 4) and axes[0] not in "CSYX" else axes   # a page axis
             if core not in ("YX", "YXS"):
                 raise ValueError(f"axes {axes}")
             pages = list(series.pages)
@@ -162,6 +163,42 @@ class TiffRows:
     def close(self) -> None:
         self._cache.clear()
         self._tf.close()
+
+
+class ChannelRows:
+    """A row source whose channels are picked (``--channels``) and adapted to a model's count band by
+    band, by the one rule of ``normalize.adapt_channels`` (grey replicated, colour to luminance).
+    ``note`` says what was done (or None). Other attributes (a Zarr source's ``geometry``,
+    ``pixel_size``) are the source's."""
+
+    def __init__(self, source, wanted: int, channels=None, name: str = "image"):
+        from unetcli.normalize import adapt_channels
+
+        self.source, self.wanted, self.channels, self.name = source, wanted, channels, name
+        self._adapt = adapt_channels
+        probe, self.note = adapt_channels(source.rows(0, slice(0, 1)), wanted, channels, name)
+        self.shape = tuple(source.shape[:3]) + (int(probe.shape[-1]),)
+        self.dtype = probe.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """The source's, and one adapted band (a tile's height, at most 1600 rows)."""
+        _n, h, w, c = self.shape
+        return int(self.source.nbytes + min(h, 1600) * w * c * self.dtype.itemsize)
+
+    def rows(self, page: int, index: slice | np.ndarray) -> np.ndarray:
+        return self._adapt(self.source.rows(page, index), self.wanted, self.channels, self.name)[0]
+
+    def page(self, n: int) -> np.ndarray:
+        return self._adapt(self.source.page(n), self.wanted, self.channels, self.name)[0]
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_") or attr == "source":
+            raise AttributeError(attr)
+        return getattr(self.source, attr)
 
 
 def as_source(image) -> "ArraySource | TiffRows":

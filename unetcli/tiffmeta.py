@@ -1,6 +1,7 @@
 """Pixel size and layout metadata of TIFF files: read from ImageJ, OME and plain resolution tags, written
 back as ImageJ metadata so that Fiji shows the calibration and probability hyperstacks (slices x
-classes) with their axes.
+classes) with their axes, or as OME-XML (physical sizes, channel names: the classes of probabilities)
+for outputs named ``.ome.tif``/``.ome.tiff``. Channel names are read from OME-XML.
 
 A pixel size is ``{"x": float, "y": float, "unit": "um"}`` (micrometres) or None when the file holds
 none. Units other than lengths that convert to micrometres (pixels, none) count as no pixel size.
@@ -41,9 +42,44 @@ def _ome(xml: str) -> dict | None:
             ux = _um(x, el.get("PhysicalSizeXUnit", "µm"))
             uy = _um(y, el.get("PhysicalSizeYUnit", el.get("PhysicalSizeXUnit", "µm")))
             if ux and uy:
-                return {"x": ux, "y": uy, "unit": "um"}
+                found = {"x": ux, "y": uy, "unit": "um"}
+                try:
+                    uz = _um(float(el.get("PhysicalSizeZ", "nan")), el.get("PhysicalSizeZUnit", "µm"))
+                except ValueError:
+                    uz = None
+                if uz:
+                    found["z"] = uz     # slice spacing, kept for OME outputs
+                return found
             return None
     return None
+
+
+def _ome_channels(xml: str) -> list[str] | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.rsplit("}", 1)[-1] == "Pixels":
+            names = [ch.get("Name") for ch in el if ch.tag.rsplit("}", 1)[-1] == "Channel"]
+            return [str(n) for n in names] if names and all(n is not None for n in names) else None
+    return None
+
+
+def channel_names(path: str | os.PathLike) -> list[str] | None:
+    """The channel names an OME-TIFF records for its first image (every channel named), else None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            return _ome_channels(tf.ome_metadata) if tf.is_ome and tf.ome_metadata else None
+    except Exception:   # not a TIFF, damaged: no names
+        return None
+
+
+def is_ome_name(path: str | os.PathLike) -> bool:
+    """True for an output named ``.ome.tif`` or ``.ome.tiff`` (written with OME-XML metadata)."""
+    return str(path).lower().endswith((".ome.tif", ".ome.tiff"))
 
 
 def _rational(tag) -> float | None:
@@ -121,3 +157,31 @@ def imagej_options(data: np.ndarray, layout: str, pixel_size: dict | None, class
     opts["metadata"] = meta
     return opts
 
+
+def ome_options(shape: tuple[int, ...], layout: str, pixel_size: dict | None, classes: int | None = None,
+                names: list[str] | None = None) -> dict:
+    """``tifffile.imwrite`` options writing an array of ``shape`` (layout 'YX' or 'ZYX') as an OME-TIFF:
+    PhysicalSizeX/Y (and Z, when known) in micrometres, and channel names: for probabilities
+    (``classes`` set; 'ZYX' of pages x classes) one channel per class, named by ``names``; otherwise one
+    channel named ``names[0]`` where given. ``shape`` in the options is the shape to write."""
+    meta: dict = {}
+    opts: dict = {"ome": True, "photometric": "minisblack"}
+    if classes and layout == "ZYX" and shape[0] % classes == 0:
+        slices = shape[0] // classes
+        meta["axes"] = "ZCYX" if slices > 1 else "CYX"
+        opts["shape"] = ((slices, classes) if slices > 1 else (classes,)) + tuple(shape[1:])
+        channels = classes
+    else:
+        meta["axes"] = "ZYX" if layout == "ZYX" else "YX"
+        channels = 1
+    if names and len(names) == channels:
+        meta["Channel"] = {"Name": [str(n) for n in names]}
+    size = check(pixel_size)
+    if size is not None:
+        meta.update(PhysicalSizeX=size["x"], PhysicalSizeXUnit="µm", PhysicalSizeY=size["y"],
+                    PhysicalSizeYUnit="µm")
+        z = pixel_size.get("z") if isinstance(pixel_size, dict) else None
+        if "Z" in meta["axes"] and isinstance(z, (int, float)) and np.isfinite(z) and z > 0:
+            meta.update(PhysicalSizeZ=float(z), PhysicalSizeZUnit="µm")
+    opts["metadata"] = meta
+    return opts

@@ -173,14 +173,15 @@ def choose_tile(config: UNetConfig, height: int, width: int, budget: int, *, bat
     xs = np.array(cand(config, width, limit), dtype=np.int64)
     if not len(ys) or not len(xs):
         raise ConfigError(f"no tile size fits this network for a {height}x{width} image")
-    mem = activation_elements(config, ys[:, None], xs[None, :]) * batch * itemsize * _SAFETY
-    fits = mem <= budget
-    if not fits.any():
-        smallest = int(ys[0])
+    def mem(rows: slice) -> np.ndarray:
+        return activation_elements(config, ys[rows, None], xs[None, :]) * batch * itemsize * _SAFETY
+
+    smallest_tile = float(mem(slice(0, 1))[0, 0])
+    if smallest_tile > budget:
         from unetcli.guards import format_bytes
 
-        raise ConfigError(f"even the smallest tile ({smallest}x{int(xs[0])}) needs "
-                          f"{format_bytes(float(mem[0, 0]))}, more than the memory budget of "
+        raise ConfigError(f"even the smallest tile ({int(ys[0])}x{int(xs[0])}) needs "
+                          f"{format_bytes(smallest_tile)}, more than the memory budget of "
                           f"{format_bytes(float(budget))}", hint="raise --memory-budget or lower --batch")
 
     def counts(length: int, sizes: np.ndarray) -> np.ndarray:
@@ -197,13 +198,25 @@ def choose_tile(config: UNetConfig, height: int, width: int, budget: int, *, bat
     lx = np.array([[side for *_, side in conv_layers(config, int(t))] for t in xs], dtype=np.float64)
     per = np.array([pixel_flops(kind, cin, cout, k) for kind, cin, cout, k, _ in conv_layers(config, int(ys[0]))],
                    dtype=np.float64)
-    flops = (ly * per[None, :]) @ lx.T
-    cost = np.where(fits, flops * ny[:, None] * nx[None, :], np.inf)
-    best = cost.min()
-    area = ys[:, None] * xs[None, :]
-    near = cost <= best * 1.005
-    iy, ix = np.unravel_index(np.argmin(np.where(near, area, np.iinfo(np.int64).max)), cost.shape)
-    return int(ys[iy]), int(xs[ix])
+    wx = lx * per[None, :]
+    # The (ty, tx) table is computed a band of heights at a time, so the search needs a bounded amount
+    # of memory however large the image (a same-padding network has a candidate every 2**depth pixels).
+    step = max(1, (1 << 17) // len(xs))
+    bands = [slice(i, min(i + step, len(ys))) for i in range(0, len(ys), step)]
+
+    def cost(rows: slice) -> np.ndarray:
+        flops = ly[rows] @ wx.T
+        return np.where(mem(rows) <= budget, flops * ny[rows, None] * nx[None, :], np.inf)
+
+    best = min(float(cost(rows).min()) for rows in bands)
+    pick = (np.iinfo(np.int64).max, 0, 0)   # (area, iy, ix): the smallest tile near the fewest FLOPs
+    for rows in bands:
+        area = np.where(cost(rows) <= best * 1.005, ys[rows, None] * xs[None, :], np.iinfo(np.int64).max)
+        k = int(np.argmin(area))
+        iy, ix = divmod(k, len(xs))
+        if int(area.flat[k]) < pick[0]:
+            pick = (int(area.flat[k]), rows.start + iy, ix)
+    return int(ys[pick[1]]), int(xs[pick[2]])
 
 
 def parse_tile(text: str | int | Sequence[int] | None) -> tuple[int, int] | None:

@@ -13,7 +13,7 @@ import typer
 
 from unetcli import console
 from unetcli.errors import ConfigError, ImageWriteError, ModelFileError
-from unetcli.options import Device, Format, Model, OutputName, choices
+from unetcli.options import Device, Model, OutputName, PredictFormat, choices
 
 NAME = "predict"
 HELP = ("Segment images with the overlap-tile strategy and mirrored borders: any image size, any "
@@ -28,12 +28,17 @@ EPILOG = """Examples:
 
   unet predict nuclei.png -o labels.tif --output-type labels --min-size 30 --fill-holes
 
+  unet predict nuclei.png -o cells.zip --output-type labels -m nuclei   # Fiji ROIs (.geojson: QuPath)
+
+  unet predict img.ome.zarr -o img.ome.zarr/labels/nuclei --output-type labels -m nuclei   # OME-Zarr
+
   cat in.png | unet predict - -o - --format png > mask.png
 
   unet predict images/ -o masks/ --provenance      # masks/NAME.tif + masks/NAME.tif.json"""
 
 DEFAULT_MODEL = "em-membranes"
 OUTPUT_TYPES = ("probs", "mask", "labels")
+_WHAT = {"probs": "probabilities", "mask": "a class map (mask)", "labels": "labels"}
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -75,8 +80,9 @@ def _outputs(inputs: list[str], name: Optional[str], fmt: Optional[str], output_
     """The output path of every input (or '-'); checks the folder up front so nothing is computed
     for an output that cannot be written.
 
-    ``-o`` is a folder when it ends in '/', exists as a folder, or has no image extension; otherwise it
-    names one file, and several inputs into one file name are refused."""
+    ``-o`` is a folder when it ends in '/', exists as a folder, or has no image extension (nor .zip or
+    .geojson, the outline files of labels); otherwise it names one file, and several inputs into one
+    file name are refused."""
     output = None if name is None else Path(name)
     if output is None:
         if inputs == ["-"]:
@@ -86,15 +92,26 @@ def _outputs(inputs: list[str], name: Optional[str], fmt: Optional[str], output_
     if text == "-":
         if len(inputs) > 1:
             raise ConfigError("several inputs cannot all go to stdout", hint="give an output folder: -o outdir/")
+        if fmt == "zarr":
+            raise ConfigError("an OME-Zarr image is a folder, which cannot go to stdout",
+                              hint="give -o NAME.zarr")
         return ["-"]
     from unetcli.images import format_from_name
+    from unetcli.roifiles import check_available, outline_format
+    from unetcli.zarrio import (check_inputs_outputs, check_output as check_zarr_output, is_zarr_output,
+                                labels_target)
 
-    # a folder: a name ending in '/', an existing folder, or a name without an image extension
-    folder_mode = text.endswith(("/", os.sep)) or output.is_dir() or format_from_name(output) is None
+    check_inputs_outputs([], [text])             # not inside a Zarr store, before any folder is made
+
+    # a folder: a name ending in '/', an existing folder, or a name without an image or outline extension
+    # (an OME-Zarr output, NAME.zarr or IMAGE.zarr/labels/NAME, is one output though it is a folder)
+    folder_mode = not is_zarr_output(text) and (
+        text.endswith(("/", os.sep)) or output.is_dir()
+        or (format_from_name(output) is None and outline_format(output) is None))
     if not folder_mode and len(inputs) > 1:
         raise ConfigError(f"{len(inputs)} inputs cannot all be written to one file, {text}",
                           hint=f"give an output folder: -o {Path(text).stem}/")
-    ext = ".png" if fmt == "png" else ".tif"
+    ext = {"png": ".png", "zip": ".zip", "geojson": ".geojson", "zarr": ".zarr"}.get(fmt or "", ".tif")
     if folder_mode:
         if output.exists() and not output.is_dir():
             raise ImageWriteError(f"{text}: is a file, not an output folder", hint="give a folder for several inputs")
@@ -113,18 +130,38 @@ def _outputs(inputs: list[str], name: Optional[str], fmt: Optional[str], output_
         outs = [str(output / (s + ext)) for s in stems]
     else:
         folder = output.parent if str(output.parent) else Path(".")
+        if labels_target(text) is not None:     # into an image's labels group: written from the image
+            folder = labels_target(text)[0]
         if not folder.is_dir():
             raise ImageWriteError(f"{text}: folder {folder} does not exist", hint="create it first")
         _check_writable(folder, text)
         outs = [text]
     for out in outs:
+        if is_zarr_output(out):                  # OME-Zarr (NAME.zarr, or IMAGE.zarr/labels/NAME)
+            check_zarr_output(out, output_type, inputs)
+            continue
+        outline = outline_format(out)
+        if outline is not None:                  # ImageJ ROI set or QuPath GeoJSON: outlines of labels
+            if output_type != "labels":
+                raise ConfigError(f"{out}: {'an ImageJ ROI set' if outline == 'zip' else 'a GeoJSON file'} "
+                                  f"holds the outlines of instance labels, not {_WHAT[output_type]}",
+                                  hint="add --output-type labels, or name the output .tif")
+            check_available(outline, out)
+            continue
         kind = format_from_name(out)
         if kind not in ("tiff", "png"):
-            raise ImageWriteError(f"{out}: unknown output format", hint="use a .tif, .tiff or .png name")
+            raise ImageWriteError(f"{out}: unknown output format",
+                                  hint="use a .tif, .tiff or .png name (labels: also .zip or .geojson)")
         if kind == "png" and output_type == "probs":
             raise ImageWriteError(f"{out}: probabilities are float32 and need a TIFF file",
                                   hint="name the output .tif, or use --output-type mask")
     return outs
+
+
+def _outline(name: str) -> bool:
+    from unetcli.roifiles import outline_format
+
+    return outline_format(name) is not None
 
 
 def _check_writable(folder: Path, name: str) -> None:
@@ -208,7 +245,7 @@ def command(
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N",
                                           help="CPU threads for the network (default: one per core; 1 for tiny "
                                                "networks)."),
-    fmt: Format = None,
+    fmt: PredictFormat = None,
     preview: Optional[Path] = typer.Option(
         None, "--preview", metavar="PNG",
         help="Also write a picture of the input with the mask's class borders or the instances' outlines "
@@ -219,11 +256,21 @@ def command(
         False, "--provenance",
         help="Write OUTPUT.json beside each output: the model's name and SHA-256, the input's SHA-256, every "
              "parameter and the software versions, to audit a batch run later."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", metavar="local:N|tcp://HOST:PORT",
+        help="Predict on a Dask cluster: N worker processes here, or the workers of a running dask-scheduler. "
+             "One image to -o NAME.zarr is predicted block by block (the same result, seamless); several "
+             "files go to the workers one file each. Needs pip install 'unet[cluster]'."),
+    chunk: Optional[int] = typer.Option(
+        None, "--chunk", metavar="PIXELS",
+        help="With --cluster and a .zarr output: the side of the blocks each task predicts (default: the "
+             "input's Zarr chunks, else 1024), rounded to whole tiles."),
 ) -> None:
     if list_models:
         _list_models(json_)
         return
     fmt = _check_options(inputs, output_type, fmt, threshold, min_size, seed, fill_holes, largest_component)
+    spec = _cluster_spec(cluster, chunk, inputs, output_name, preview)
     from unetcli import guards, normalize, pipeline
 
     picked = normalize.parse_channels(channels)
@@ -240,6 +287,9 @@ def command(
     sidecars = [o + pipeline.PROVENANCE_SUFFIX for o in outs if o != "-"] if provenance else []
     if preview is not None and (len(inputs) != 1 or outs == ["-"] or inputs == ["-"]):
         raise ConfigError("--preview draws one input with its result: give one input file and an output file")
+    if preview is not None and outs != ["-"] and _outline(outs[0]):
+        raise ConfigError(f"--preview draws the result from an image, and {outs[0]} holds outlines",
+                          hint="write the labels as .tif for a preview, or leave --preview out")
     if preview is not None and Path(preview).suffix.lower() != ".png":
         raise ConfigError(f"--preview {preview}: the picture is a PNG", hint="name it .png")
     extra = [str(preview)] if preview is not None else []
@@ -286,6 +336,11 @@ def command(
             "precision": predictor.precision, "backend": predictor.backend, "threads": threads, "format": fmt, "skip_existing": skip_existing}}
     settings = pipeline.Output(kind=output_type, threshold=threshold, min_size=min_size, fill_holes=fill_holes,
                                largest_component=largest_component, decode=decode, fmt=fmt)
+    if spec is not None:
+        _on_cluster(spec, chunk, todo, mf, predictor, settings, picked, record, threads,
+                    dict(device=device, tile=tile, batch=batch, precision=precision, tta=tta, memory_budget=budget,
+                         overlap=overlap, blend=blend, backend=backend))
+        return
     pipeline.predict_files(jobs, predictor, mf, settings, channels=picked, provenance=record,
                            on_written=_print_path, on_done=_report, on_note=_note, progress=console.progress)
     if preview is not None:
@@ -310,14 +365,24 @@ def _list_models(as_json: bool) -> None:
 
 def _check_options(inputs, output_type: str, fmt: str | None, threshold, min_size, seed, fill_holes: bool,
                    largest_component: bool) -> str | None:
-    """Refuse contradictory or out-of-range options; return the output format ('tiff', 'png' or None)."""
+    """Refuse contradictory or out-of-range options; return the output format ('tiff', 'png', 'zip',
+    'geojson', 'zarr' or None)."""
     if not inputs:
         raise ConfigError("no input images given", hint="unet predict IMAGE... -o OUTPUT (see --help)")
     if output_type not in OUTPUT_TYPES:
         raise ConfigError(f"unknown output type {output_type!r}", hint="use probs, mask or labels")
-    if fmt is not None and fmt.lower() not in ("tiff", "tif", "png"):
-        raise ConfigError(f"unknown format {fmt!r}", hint="use tiff or png")
-    fmt = None if fmt is None else ("png" if fmt.lower() == "png" else "tiff")
+    known = {"tiff": "tiff", "tif": "tiff", "png": "png", "zip": "zip", "geojson": "geojson", "zarr": "zarr"}
+    if fmt is not None and fmt.lower() not in known:
+        raise ConfigError(f"unknown format {fmt!r}", hint="use tiff, png or zarr (OME-Zarr); for labels also "
+                                                         "zip or geojson")
+    fmt = None if fmt is None else known[fmt.lower()]
+    if fmt in ("zip", "geojson") and output_type != "labels":
+        raise ConfigError(f"--format {fmt} writes the outlines of instance labels, not {_WHAT[output_type]}",
+                          hint="add --output-type labels, or use --format tiff")
+    if fmt in ("zip", "geojson"):
+        from unetcli.roifiles import check_available
+
+        check_available(fmt, f"--format {fmt}")
     post = fill_holes or largest_component or (min_size or 0) > 0
     if output_type == "probs" and (post or threshold is not None):
         raise ConfigError("--threshold, --min-size, --fill-holes and --largest-component apply to masks and "
@@ -344,6 +409,60 @@ def _decoding(mf, output_type: str, threshold, seed, min_size, tuned_values: boo
     if mf.postprocess:
         console.detail(f"instance decoding {decode.to_dict()} (tuned values of {mf.name}, flags override)")
     return decode
+
+
+def _cluster_spec(cluster: Optional[str], chunk: Optional[int], inputs, output_name, preview):
+    """``--cluster`` parsed and checked against the other options (None without it)."""
+    if cluster is None:
+        if chunk is not None:
+            raise ConfigError("--chunk sizes the blocks of --cluster", hint="add --cluster local:N, or leave --chunk out")
+        return None
+    from unetcli.cluster import parse_cluster
+
+    spec = parse_cluster(cluster)
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"--chunk must be at least 1 pixel, not {chunk}")
+    if "-" in (inputs or []) or output_name == "-":
+        raise ConfigError("--cluster reads and writes files, not stdin or stdout",
+                          hint="give input files and -o NAME.zarr or -o folder/")
+    if preview is not None:
+        raise ConfigError("--preview is not available with --cluster", hint="leave --preview out")
+    return spec
+
+
+def _on_cluster(spec, chunk, todo, mf, predictor, settings, picked, record, threads, options: dict) -> None:
+    """--cluster: one image to an OME-Zarr output block by block, else one file per task."""
+    from unetcli import cluster as dask_cluster
+    from unetcli.zarrio import is_zarr_output
+
+    one_image = len(todo) == 1 and is_zarr_output(todo[0][1])
+    if threads is None and spec.local:       # the cores shared among the local workers
+        from unetcli.guards import cpu_cores
+
+        threads = max(1, cpu_cores() // spec.workers)
+    opts = dask_cluster.predictor_options(threads=threads, **options)
+    if record is not None:
+        record["parameters"].update(cluster=spec.text, chunk=chunk, threads_per_worker=threads)
+    if not one_image and chunk is not None:
+        raise ConfigError("--chunk applies to one image written to -o NAME.zarr", hint="leave --chunk out")
+    with dask_cluster.Cluster(spec, dashboard=console.level() >= console.VERBOSE) as workers:
+        board = workers.dashboard_link
+        console.detail(f"cluster {spec.text}: {workers.workers} workers" + (f", dashboard {board}" if board else ""))
+        if one_image:
+            source, output = todo[0]
+            report = dask_cluster.predict_chunked(workers, mf, predictor, source, output, settings, options=opts,
+                                                  channels=picked, chunk=chunk, provenance=record,
+                                                  progress=console.progress, on_note=_note)
+            _print_path(output)
+            n, h, w = report.shape
+            found = f", {sum(report.objects)} objects" if report.objects is not None else ""
+            console.info(f"{source} -> {output} ({h}x{w}{f', {n} pages' if n > 1 else ''}, tile "
+                         f"{report.tile[0]}x{report.tile[1]}, {report.blocks * n} blocks of {report.block[0]}x"
+                         f"{report.block[1]} on {report.workers} workers{found}, {report.seconds:.1f} s)")
+        else:
+            dask_cluster.predict_files_cluster(workers, mf, todo, settings, options=opts, channels=picked,
+                                               provenance=record, on_written=_print_path, on_done=_report,
+                                               on_note=_note, progress=console.progress)
 
 
 def _print_path(path: str) -> None:

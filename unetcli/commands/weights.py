@@ -79,7 +79,7 @@ def command(
     from unetcli import console
     from unetcli.errors import ConfigError
     from unetcli.commands import read_stdin as read_stdin_once
-    from unetcli.images import TIFF, expand_folders, format_from_name
+    from unetcli.images import TIFF, expand_folders, format_from_name, is_zarr
     from unetcli.labels import parse_values
     from unetcli.weightfiles import Settings, weight_files
 
@@ -99,7 +99,7 @@ def command(
 
     # ---- inputs and where their outputs go
     inputs = expand_folders(labels)
-    expanded = any(arg != "-" and Path(arg).is_dir() for arg in labels)
+    expanded = any(arg != "-" and Path(arg).is_dir() and not is_zarr(arg) for arg in labels)
     if "-" in inputs and len(inputs) > 1:
         raise ConfigError("'-' (stdin) can only be the one input")
     several = len(inputs) > 1 or expanded
