@@ -98,6 +98,18 @@ def test_compiled_tile_shapes_on_disk_are_bounded(tmp_path, monkeypatch):
     assert 1 <= len(blobs) <= 2
 
 
+@needs_openvino
+def test_openvino_does_not_pin_a_process_given_fewer_threads_than_cores(tmp_path, monkeypatch):
+    """Several 1-thread processes (xargs -P, Dask workers) must not all be pinned to the first core."""
+    import os
+
+    monkeypatch.setenv("UNET_CACHE", str(tmp_path))
+    runner = backends.OpenVINORunner(_net(VALID), "fp32")
+    compiled = runner._compile((1, 1, 124, 124), 1)
+    if (os.cpu_count() or 1) > 1:
+        assert compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
 def test_auto_resolves_as_documented(monkeypatch):
     cpu = torch.device("cpu")
     expected = "openvino" if backends.openvino_installed() else "torch"
