@@ -508,3 +508,14 @@ def test_roi_sets_without_roifile_are_refused_before_any_work(run, tmp_path, tin
         roifiles.encode(_grid(CASES["hole"]), "zip")
     result = run("predict", "in.png", "-o", "cells.geojson", "-m", tiny, "--output-type", "labels")
     assert result.code == 0, result                            # GeoJSON needs no extra package
+
+
+def test_ids_scattered_in_many_pieces_are_split_all_at_once():
+    """Random ids (nearly every pixel a piece of an id found all over the image): every piece is its own
+    part, and the pieces are found in one pass over the pixels (each id's bounding box labelled apart
+    took hours on 1024 x 1024: here the whole image is every id's box)."""
+    lab = np.random.default_rng(5).integers(0, 600, (64, 64)).astype(np.uint32)
+    start = time.perf_counter()
+    outlines = trace(lab)
+    assert time.perf_counter() - start < 20
+    check_outlines(lab, outlines)

@@ -19,7 +19,8 @@ hole a negative one.
 The tracing is vectorised over the whole image: the directed border edges of all objects are found
 with array comparisons, linked at each corner (at a corner shared diagonally by two pixels of one id,
 the outline turns to stay with its pixel: the 4-connected rule), then put in ring order by pointer
-jumping; only an id in several pieces has its bounding box labelled, to give each piece its holes.
+jumping; the pixels of ids in several pieces are split into their pieces once, all ids together, to give
+each piece its holes.
 Time and memory grow with the pixels and the border edges, never with objects x pixels: 2000 objects
 on 2048 x 2048 pixels take 0.12 s on a 2-core CPU; the worst case, 1024 x 1024 pixels of noise (69000
 objects, a million border edges), 2.7 s and about 175 bytes an edge (``EDGE_BYTES`` bounds it).
@@ -276,13 +277,15 @@ def _assemble(lab: np.ndarray, e: _Edges, order: np.ndarray, starts: np.ndarray)
             loops, areas = [ring], [float(area[r])]
         by_label.setdefault(int(ring_label[r]), []).append((int(r), loops, areas))
 
+    several = [label for label, rings in by_label.items()
+               if sum(a > 0 for _r, _l, areas in rings for a in areas) > 1]
+    piece = _pieces(lab, several) if several else None
     out = []
     for label, rings in by_label.items():
-        shells = sum(a > 0 for _r, _l, areas in rings for a in areas)
-        if shells == 1:
+        if piece is None or label not in several:
             comp = {r: 0 for r, _l, _a in rings}
         else:
-            comp = _components(lab, label, rings, px, py)
+            comp = {r: int(piece[py[r], px[r]]) for r, _l, _a in rings}
         parts: dict[int, list] = {}
         for r, loops, areas in rings:
             entry = parts.setdefault(comp[r], [None, []])
@@ -298,13 +301,26 @@ def _assemble(lab: np.ndarray, e: _Edges, order: np.ndarray, starts: np.ndarray)
     return out
 
 
-def _components(lab: np.ndarray, label: int, rings, px: np.ndarray, py: np.ndarray) -> dict[int, int]:
-    """For an id in several pieces: which 4-connected piece each of its rings bounds (labelled in the
-    crop of the id's bounding box only)."""
-    xs = [int(px[r]) for r, _l, _a in rings]
-    ys = [int(py[r]) for r, _l, _a in rings]
-    allpts = np.concatenate([lp for _r, loops, _a in rings for lp in loops])
-    x0, y0 = (int(v) for v in allpts.min(0))
-    x1, y1 = (int(v) for v in allpts.max(0))
-    pieces, _n = ndimage.label(lab[y0:y1, x0:x1] == label, structure=_FOUR)
-    return {r: int(pieces[y - y0, x - x0]) for (r, _l, _a), x, y in zip(rings, xs, ys)}
+def _pieces(lab: np.ndarray, labels: list[int]) -> np.ndarray:
+    """The 4-connected pieces of the ids ``labels`` (ids in several pieces), all at once: a map of piece
+    numbers (-1 elsewhere). One graph over their pixels, linked where a neighbour holds the same id, so
+    the work grows with the pixels, however many ids are split and however far apart their pieces lie
+    (labelling each id's bounding box took hours on 1024 x 1024 pixels of random ids)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    inside = np.isin(lab, np.asarray(labels, dtype=lab.dtype))
+    index = np.full(lab.shape, -1, np.int64)
+    n = int(inside.sum())
+    index[inside] = np.arange(n)
+    a, b = [], []
+    for same, ia, ib in ((inside[:, 1:] & inside[:, :-1] & (lab[:, 1:] == lab[:, :-1]), index[:, 1:], index[:, :-1]),
+                         (inside[1:] & inside[:-1] & (lab[1:] == lab[:-1]), index[1:], index[:-1])):
+        a.append(ia[same])
+        b.append(ib[same])
+    a, b = np.concatenate(a), np.concatenate(b)
+    graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
+    _count, number = connected_components(graph, directed=False)
+    piece = np.full(lab.shape, -1, np.int64)
+    piece[inside] = number
+    return piece
