@@ -158,7 +158,7 @@ def _through_predictor(model: Path, image: np.ndarray, runner, calls: list, **op
         calls.append(buf.shape)
         return torch.from_numpy(np.asarray(runner(np.ascontiguousarray(buf.transpose(0, 3, 1, 2)))))
 
-    predictor._infer = infer
+    predictor.infer = infer
     return predictor.predict(image)
 
 

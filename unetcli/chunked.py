@@ -214,9 +214,9 @@ def _frame_block(pred, read: Reader, page: int, plan: TilePlan, rect: Rect, g, h
         for b, (ky, kx) in enumerate(chunk):
             oy = py.starts[ky] - py.margin - wy0
             ox = px.starts[kx] - px.margin - wx0
-            pred._normalise(window[oy:oy + ty, ox:ox + tx], buf[b])
+            pred.normalise(window[oy:oy + ty, ox:ox + tx], buf[b])
         with torch.inference_mode():
-            out = pred._infer(buf, threads).cpu().numpy()
+            out = pred.infer(buf, threads).cpu().numpy()
         for b, (ky, kx) in enumerate(chunk):
             sy, sx = py.starts[ky], px.starts[kx]
             ey = min(sy + py.out, py.length) if blended else py.final_until(ky)

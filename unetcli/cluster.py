@@ -388,7 +388,7 @@ def image_statistics(pred, ref) -> tuple:
     p = copy.copy(pred)
     src = statistics_source(ref, p.budget if p.device.type == "cpu" else None)
     try:
-        p._image_statistics(src)
+        p.image_statistics(src)
     finally:
         src.close()
     return (None if p.mean is None else np.asarray(p.mean, np.float32),

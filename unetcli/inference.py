@@ -185,7 +185,7 @@ class Predictor:
             raise ImageShapeError(f"image has no pixels ({src.shape[1]}x{src.shape[2]})")
         return src
 
-    def _image_statistics(self, src) -> None:
+    def image_statistics(self, src) -> None:
         """With a per-image normalisation (percentile, z-score), set mean/std from this image: the whole
         stack's statistics, from at most 512 rows spread over its pages for a source read on demand."""
         from unetcli import normalize
@@ -207,7 +207,9 @@ class Predictor:
             sample = np.stack([src.rows(p, rows) for p in range(n)])
         self.mean, self.std = normalize.image_stats(self.normalization, sample)
 
-    def _normalise(self, tile: np.ndarray, out: np.ndarray) -> None:
+    def normalise(self, tile: np.ndarray, out: np.ndarray) -> None:
+        """A raw tile (ty, tx, C) into ``out`` (float32), normalised with this image's statistics (see
+        :meth:`image_statistics`): the step every tile takes, whole images and blocks alike."""
         np.copyto(out, tile, casting="unsafe")
         if self.mean is not None:
             out -= self.mean
@@ -229,7 +231,7 @@ class Predictor:
             for b, (n, ky, kx) in enumerate(chunk):
                 if band_key != (n, ky):             # the input rows of this tile row, mirrored
                     band_key, band = (n, ky), src.rows(n, takes_y[ky])
-                self._normalise(take(band, takes_x[kx], 1), buf[b])
+                self.normalise(take(band, takes_x[kx], 1), buf[b])
             yield chunk, buf
 
     def threads_for(self, plan: TilePlan, batch: int) -> int | None:
@@ -240,7 +242,7 @@ class Predictor:
         work = conv_flops(self.config, *plan.tile) * batch / len(conv_layers(self.config, plan.tile[0]))
         return threads_for_work(work, self.threads, self._auto_threads)
 
-    def _infer(self, buf: np.ndarray, threads: int | None = None) -> torch.Tensor:
+    def infer(self, buf: np.ndarray, threads: int | None = None) -> torch.Tensor:
         """Softmax probabilities (B, K, oy, ox) float32 on the device for a batch (B, ty, tx, C)."""
         if self._runner is not None:
             logits = self._runner(buf.transpose(0, 3, 1, 2), threads or self._auto_threads)
@@ -249,7 +251,7 @@ class Predictor:
             saved = torch.get_num_threads()
             torch.set_num_threads(threads)     # only for this call: the caller's setting is restored
             try:
-                return self._infer(buf)
+                return self.infer(buf)
             finally:
                 torch.set_num_threads(saved)
         x = torch.from_numpy(buf)
@@ -295,7 +297,7 @@ class Predictor:
         for chunk, buf in source:
             # inference mode only around the network: this generator yields to its caller in between
             with torch.inference_mode():
-                probs = self._infer(buf, threads)
+                probs = self.infer(buf, threads)
                 if self.device.type == "cuda":
                     probs = probs.contiguous()      # one plain copy to pinned host memory, async
                     host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
@@ -340,7 +342,7 @@ class Predictor:
         and a full result (probabilities, or ``dtype`` values with ``reduce``).
         """
         src = self._check(stack)
-        self._image_statistics(src)
+        self.image_statistics(src)
         if held is None:
             per_pixel = self.config.num_classes * 4 if reduce is None else np.dtype(dtype).itemsize
             held = self.held_bytes(src, per_pixel)
