@@ -420,3 +420,28 @@ def test_ctrl_c_cancels_and_leaves_no_temporary_output(tmp_path):
     assert proc.returncode == 130, err
     assert not (tmp_path / "out.zarr").exists()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_readme_cluster_examples_run(tmp_path, address):
+    """The first example block of README's "Beyond one machine", as printed, with the shipped models on
+    small files named as the examples name them; the cluster address `tcp://head:8786` is replaced by
+    a running local scheduler's."""
+    import re
+
+    from test_examples import _bash, _readme_block
+
+    from unetcli.images import write_image
+
+    image = (np.random.default_rng(3).random((300, 260)) * 255).astype(np.uint8)
+    _write_ome_zarr(tmp_path / "slide.ome.zarr", image, (128, 128))
+    write_image(tmp_path / "volume.tif", image, "YX")
+    (tmp_path / "plates").mkdir()
+    for i in range(3):
+        write_image(tmp_path / "plates" / f"p{i}.png", image[:200, :200 - 10 * i], "YX")
+    block = _readme_block("Beyond one machine")
+    script = re.sub(r"tcp://head:8786", address, block)
+    r = _bash(script, tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "mask.zarr").is_dir() and (tmp_path / "labels.zarr").is_dir()
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["p0.tif", "p1.tif", "p2.tif"]
