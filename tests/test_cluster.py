@@ -445,3 +445,19 @@ def test_readme_cluster_examples_run(tmp_path, address):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "mask.zarr").is_dir() and (tmp_path / "labels.zarr").is_dir()
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["p0.tif", "p1.tif", "p2.tif"]
+
+
+def test_blocks_are_bounded_by_the_memory_budget(tmp_path, run, address):
+    """A --chunk whose blocks would not fit a worker's memory budget is refused before any task runs;
+    without --chunk, blocks of the input's own (large) chunks shrink until they fit."""
+    model = _random_model(tmp_path / "tiny.unet")
+    image = (np.random.default_rng(2).random((1200, 1300)) * 255).astype(np.uint8)
+    src = _write_ome_zarr(tmp_path / "in.zarr", image, (1200, 1300))
+    common = ["--model", model, "--tile", "180", "--cluster", address, "--memory-budget", "16M"]
+    refused = run("predict", src, "-o", "big.zarr", "--chunk", "1300", *common)
+    assert_one_line_error(refused, "blocks of", "more than the memory budget", "--chunk")
+    assert not (tmp_path / "big.zarr").exists() and _leftovers(tmp_path) == []
+    fitted = run("predict", src, "-o", "fit.zarr", *common)
+    assert fitted.code == 0, fitted
+    chunks = _zarr().open_array(str(tmp_path / "fit.zarr" / "0"), mode="r").chunks
+    assert max(chunks) < 1200

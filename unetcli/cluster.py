@@ -449,6 +449,18 @@ def check_chunked(source: str, output: str, out) -> None:
     zarrio.check_inputs_outputs([source], [output])
 
 
+def _block_bytes(block: tuple[int, int], tile: tuple[int, int], channels: int, classes: int, tta: bool,
+                 kind: str) -> int:
+    """What one task holds besides the network: its input window (the block and up to a tile around it,
+    float32), the block's probabilities (twice with TTA: the sum and a frame), and for labels the
+    probabilities and labels of the block with its margin."""
+    (by, bx), (ty, tx) = block, tile
+    held = (by + ty) * (bx + tx) * channels * 4 + classes * by * bx * 4 * (2 if tta else 1)
+    if kind == "labels":
+        held += (by + 128) * (bx + 128) * (classes * 4 + 8)
+    return held
+
+
 def predict_chunked(cluster: Cluster, model, predictor, source: str, output: str, out, *,
                     options: tuple, channels: Sequence[int] | None = None, chunk: int | None = None,
                     label_margin: int | None = None, provenance: dict | None = None,
@@ -483,6 +495,20 @@ def predict_chunked(cluster: Cluster, model, predictor, source: str, output: str
                           f"without --cluster with --tile {tile[0]}x{tile[1]} gives the same result)")
     plan = plan_tiles(cfg, h, w, tile=tile, overlap=predictor.overlap, blend=predictor.blend)
     grid = chunked.block_grid(plan, want)
+    # a task holds its block's input window, probabilities (and labels): bounded by the memory budget
+    # like one image of a single process; the default block shrinks to fit, a --chunk too large is refused
+    c, k_ = cfg.in_channels, cfg.num_classes
+    while chunk is None and _block_bytes(grid.block, tile, c, k_, predictor.tta, out.kind) > predictor.budget \
+            and want > 256:
+        want //= 2
+        grid = chunked.block_grid(plan, want)
+    need = _block_bytes(grid.block, tile, c, k_, predictor.tta, out.kind)
+    if need > predictor.budget:
+        from unetcli.guards import format_bytes
+
+        raise ConfigError(f"blocks of {grid.block[0]}x{grid.block[1]} need about {format_bytes(need)} on a "
+                          f"worker, more than the memory budget of {format_bytes(predictor.budget)}",
+                          hint="give a smaller --chunk, or raise --memory-budget")
     options = tuple((key, tuple(tile) if key == "tile" else value) for key, value in options)
     stats = image_statistics(predictor, ref)         # also checks that the channels fit the model
     shared = cluster.share(model, f"model-{model.sha256}")
