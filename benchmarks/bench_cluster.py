@@ -38,23 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def mosaic(size: int) -> np.ndarray:
-    """The ISBI training slices side by side (random pixels where the data is absent)."""
-    folder = ROOT.parent / "shared" / "data" / "isbi2012" / "train" / "images"
-    files = sorted(folder.glob("*.png"))
-    if not files:
-        return np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)
-    from unetcli.images import read_image
-
-    tiles = [read_image(f)[0, ..., 0] for f in files]
-    s = tiles[0].shape[0]
-    reps = -(-size // s)
-    out = np.empty((reps * s, reps * s), np.uint8)
-    for r in range(reps):
-        for c in range(reps):
-            out[r * s:(r + 1) * s, c * s:(c + 1) * s] = tiles[(r * reps + c) % len(tiles)]
-    return out[:size, :size]
+from bench_predict_memory import mosaic  # noqa: E402  (the ISBI slices side by side)
 
 
 def write_input(path: Path, image: np.ndarray, chunk: int) -> None:

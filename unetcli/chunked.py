@@ -46,7 +46,6 @@ DEFAULT_CHUNK = 1024
 """Block side (output pixels) when neither ``--chunk`` nor the input's own chunking says otherwise."""
 
 IDENTITY = (False, False, False)
-_D4 = [(t, fy, fx) for t in (False, True) for fy in (False, True) for fx in (False, True)]   # inference's order
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -156,11 +155,11 @@ def predict_block(pred, read: Reader, page: int, height: int, width: int, rect: 
     cols)`` returns the input pixels at those (in-range) row and column numbers as (rows, cols, C).
     With ``pred.tta`` the 8 flips and rotations are averaged as the predictor averages them.
     ``check`` sees the probabilities of each frame (e.g. a finiteness guard)."""
-    from unetcli.inference import dihedral_view
+    from unetcli.inference import DIHEDRAL, dihedral_view
 
     if pred.tile is None:
         raise ConfigError("block prediction needs a fixed tile size")
-    frames = _D4 if pred.tta else [IDENTITY]
+    frames = DIHEDRAL if pred.tta else [IDENTITY]
     k = pred.config.num_classes
     y0, y1, x0, x1 = rect
     acc = None

@@ -39,7 +39,7 @@ Progress = Callable[[int, int], None]
 
 # ----------------------------------------------------------------------------------- the predictor
 
-_D4 = [(t, fy, fx) for t in (False, True) for fy in (False, True) for fx in (False, True)]
+DIHEDRAL = [(t, fy, fx) for t in (False, True) for fy in (False, True) for fx in (False, True)]
 
 
 def dihedral_view(a: np.ndarray, g: tuple[bool, bool, bool], axes: tuple[int, int]) -> np.ndarray:
@@ -357,12 +357,12 @@ class Predictor:
     def _tta_page(self, page: np.ndarray, k: int, held: int = 0) -> np.ndarray:
         h, w = page.shape[:2]
         acc = np.zeros((k, h, w), np.float32)
-        for g in _D4:
+        for g in DIHEDRAL:
             view = dihedral_view(page, g, (0, 1))           # the transformed image (a view)
             target = dihedral_view(acc, g, (1, 2))          # the accumulator seen in the same frame
             for _n, y0, block in self._stream(ArraySource(view), held=held):
                 target[:, y0:y0 + block.shape[1]] += block
-        acc /= len(_D4)
+        acc /= len(DIHEDRAL)
         return acc
 
     def predict(self, stack, held: int | None = None) -> np.ndarray:

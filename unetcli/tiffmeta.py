@@ -27,43 +27,44 @@ def _um(value: float, unit: str | None) -> float | None:
     return float(value) * factor
 
 
-def _ome(xml: str) -> dict | None:
+def _ome_pixels(xml: str):
+    """The first OME ``Pixels`` element of an OME-XML text, or None (no such element, or not XML)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return None
-    for el in root.iter():
-        if el.tag.rsplit("}", 1)[-1] == "Pixels":
-            try:
-                x = float(el.get("PhysicalSizeX", "nan"))
-                y = float(el.get("PhysicalSizeY", el.get("PhysicalSizeX", "nan")))
-            except ValueError:
-                return None
-            ux = _um(x, el.get("PhysicalSizeXUnit", "µm"))
-            uy = _um(y, el.get("PhysicalSizeYUnit", el.get("PhysicalSizeXUnit", "µm")))
-            if ux and uy:
-                found = {"x": ux, "y": uy, "unit": "um"}
-                try:
-                    uz = _um(float(el.get("PhysicalSizeZ", "nan")), el.get("PhysicalSizeZUnit", "µm"))
-                except ValueError:
-                    uz = None
-                if uz:
-                    found["z"] = uz     # slice spacing, kept for OME outputs
-                return found
-            return None
-    return None
+    return next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+
+
+def _ome(xml: str) -> dict | None:
+    el = _ome_pixels(xml)
+    if el is None:
+        return None
+    try:
+        x = float(el.get("PhysicalSizeX", "nan"))
+        y = float(el.get("PhysicalSizeY", el.get("PhysicalSizeX", "nan")))
+    except ValueError:
+        return None
+    ux = _um(x, el.get("PhysicalSizeXUnit", "µm"))
+    uy = _um(y, el.get("PhysicalSizeYUnit", el.get("PhysicalSizeXUnit", "µm")))
+    if not (ux and uy):
+        return None
+    found = {"x": ux, "y": uy, "unit": "um"}
+    try:
+        uz = _um(float(el.get("PhysicalSizeZ", "nan")), el.get("PhysicalSizeZUnit", "µm"))
+    except ValueError:
+        uz = None
+    if uz:
+        found["z"] = uz     # slice spacing, kept for OME outputs
+    return found
 
 
 def _ome_channels(xml: str) -> list[str] | None:
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
+    el = _ome_pixels(xml)
+    if el is None:
         return None
-    for el in root.iter():
-        if el.tag.rsplit("}", 1)[-1] == "Pixels":
-            names = [ch.get("Name") for ch in el if ch.tag.rsplit("}", 1)[-1] == "Channel"]
-            return [str(n) for n in names] if names and all(n is not None for n in names) else None
-    return None
+    names = [ch.get("Name") for ch in el if ch.tag.rsplit("}", 1)[-1] == "Channel"]
+    return [str(n) for n in names] if names and all(n is not None for n in names) else None
 
 
 def channel_names(path: str | os.PathLike) -> list[str] | None:
